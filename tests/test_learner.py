@@ -1,0 +1,128 @@
+"""Learner methods on the demo learner: items of every kind, labels, pictures, the pointing game, and bad input."""
+import warnings
+import numpy as np, pandas as pd, pytest, torch
+from pathlib import Path
+from PIL import Image
+from torch import nn
+from fastai.vision.all import vision_learner, resnet18, Learner, PILImage
+from fastai.tabular.all import TabularDataLoaders, tabular_learner, Categorify, CategoryBlock
+from fastai.data.core import DataLoaders
+from fastai_heatmap.all import *
+from conftest import model_state, assert_same_state
+
+
+def test_demo_accuracy_and_pointing_game(demo):
+    "The demo model is good (≥ 95%), and its Grad-CAM peak falls on the digit for ≥ 90% of correct images at a 4×4 layer"
+    fns = demo.dls.valid_ds.items
+    e = demo.explain(fns, layer='0.6', upsample=False)
+    assert e.layer_size == (4, 4)
+    truth = torch.tensor([demo.dls.vocab.o2i[f.parent.name] for f in fns])
+    ok = e.preds.argmax(1) == truth
+    assert ok.float().mean() >= 0.95
+    hit = pointing_game(e.maps, get_boxes(demo.dls.path, fns), img_size=(64, 64))
+    assert hit[ok].float().mean() >= 0.9, hit[ok].float().mean()
+    # a map that ignores the image would not pass: the centre of the image is on the digit far less often
+    centre = torch.zeros_like(e.maps); centre[:, 1:3, 1:3] = 1
+    assert pointing_game(centre, get_boxes(demo.dls.path, fns), img_size=(64, 64))[ok].float().mean() < hit[ok].float().mean()
+
+
+def test_items_and_targets(demo):
+    fns = list(demo.dls.valid_ds.items[:6])
+    ref = demo.heatmap(fns)
+    assert ref.shape == (6, 64, 64) and ref.device == next(demo.model.parameters()).device
+    torch.testing.assert_close(demo.heatmap([str(f) for f in fns]), ref)
+    torch.testing.assert_close(demo.heatmap([Image.open(f) for f in fns]), ref)
+    torch.testing.assert_close(demo.heatmap([PILImage.create(f) for f in fns]), ref)
+    torch.testing.assert_close(demo.heatmap(fns, bs=4), ref)  # batches of 4 and 2 equal one batch of 6
+    torch.testing.assert_close(demo.heatmap(fns[0]), ref[:1])  # a single item
+    labels = ['0', '1', '4', '7', '7', '0']
+    torch.testing.assert_close(demo.heatmap(fns, targets=labels), demo.heatmap(fns, targets=[0, 1, 2, 3, 3, 0]))
+    torch.testing.assert_close(demo.heatmap(fns, targets='4'), demo.heatmap(fns, targets=2))
+    torch.testing.assert_close(demo.heatmap(fns, targets=torch.tensor(2)), demo.heatmap(fns, targets=2))
+    e = demo.explain(fns, targets='4')
+    assert (e.targets == 2).all()
+
+
+def test_show_cam(demo):
+    fn = demo.dls.valid_ds.items[40]
+    ax = demo.show_cam(fn, layer='0.6')
+    imgs = ax.get_images()
+    assert len(imgs) == 2
+    np.testing.assert_allclose(imgs[1].get_array().data, demo.heatmap(fn, layer='0.6')[0].cpu().numpy(), rtol=1e-5, atol=1e-6)
+    # the image underneath is the decoded one: the file's own pixels, not the normalized tensor
+    np.testing.assert_allclose(imgs[0].get_array().data.astype(float), np.asarray(Image.open(fn)).astype(float), atol=1)
+    e = demo.explain(fn)
+    pred = demo.dls.vocab[e.preds[0].argmax()]
+    prob = e.preds[0].softmax(0).max().item()
+    assert ax.get_title() == f'{pred} ({prob:.2f})'
+    other = next(v for v in demo.dls.vocab if v != pred)
+    ax = demo.show_cam(fn, target=other, layer='0.6')
+    assert ax.get_title() == f'{pred} ({prob:.2f})\nmap for {other}'
+    assert imgs[1].get_alpha() == 0.6 and imgs[1].get_cmap().name == 'magma'
+    fig = demo.show_cams(demo.dls.valid_ds.items[:5], layer='0.6', nrows=1)
+    assert sum(len(a.get_images()) == 2 for a in fig.axes) == 5
+
+
+def test_small_map_warning(demo):
+    fn = demo.dls.valid_ds.items[0]
+    with pytest.warns(UserWarning, match=r"2×2 maps .* layer='0.6'"): demo.show_cam(fn)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)
+        demo.show_cam(fn, layer='0.6')  # 4×4: no warning
+
+
+def test_bad_items(demo, tmp_path):
+    fn = demo.dls.valid_ds.items[0]
+    with pytest.raises(FileNotFoundError, match='No such image file'): demo.heatmap(tmp_path/'missing.png')
+    bad = tmp_path/'corrupt.png'
+    bad.write_bytes(b'\x89PNG\r\n\x1a\n' + b'\x00' * 50)
+    with pytest.raises(ValueError, match="Could not read '.*corrupt.png' as an image"): demo.heatmap([fn, bad])
+    txt = tmp_path/'notes.txt'
+    txt.write_text('not an image')
+    with pytest.raises(ValueError, match='Could not read'): demo.show_cam(txt)
+    with pytest.raises(IsADirectoryError, match='folder'): demo.heatmap(tmp_path)
+    with pytest.raises(ValueError, match="Unknown label '9'"): demo.heatmap(fn, targets='9')
+    with pytest.raises(IndexError, match='out of range'): demo.heatmap(fn, targets=4)
+    with pytest.raises(ValueError, match='one per item'): demo.heatmap([fn, fn], targets=['0', '1', '4'])
+
+
+def test_learner_state_kept(demo):
+    "A frozen learner, in train mode, with gradients: everything comes back as it was, also after an error"
+    learn = vision_learner(demo.dls, resnet18, pretrained=False)
+    learn.model.load_state_dict(demo.model.state_dict())
+    learn.freeze()
+    learn.model.train()
+    xb, yb = demo.dls.one_batch()
+    learn.loss_func(learn.model(xb), yb).backward()
+    before = model_state(learn.model)
+    fn = demo.dls.valid_ds.items[0]
+    learn.show_cam(fn, layer='0.6')
+    learn.heatmap(demo.dls.valid_ds.items[:3], targets='1')
+    with pytest.raises(ValueError): learn.heatmap(fn, method='cam')
+    with pytest.raises(ValueError): learn.heatmap(fn, layer='1.4')
+    assert_same_state(before, model_state(learn.model))
+
+
+@pytest.mark.parametrize('precision', ['to_fp16', 'to_bf16'])
+def test_mixed_precision_learner(demo, precision):
+    "fastai autocasts on CUDA only; on the CPU the maps equal the float32 learner's"
+    learn = vision_learner(demo.dls, resnet18, pretrained=False)
+    learn.model.load_state_dict(demo.model.state_dict())
+    getattr(learn, precision)()
+    fns = demo.dls.valid_ds.items[:3]
+    m = learn.heatmap(fns, layer='0.6')
+    assert m.dtype == torch.float32
+    torch.testing.assert_close(m, demo.heatmap(fns, layer='0.6'))
+
+
+def test_not_a_vision_learner(tmp_path):
+    df = pd.DataFrame({'a': np.random.randn(64), 'c': np.random.choice(['x', 'y'], 64), 'y': np.random.choice(['p', 'q'], 64)})
+    dls = TabularDataLoaders.from_df(df, path=tmp_path, cat_names=['c'], cont_names=['a'], y_names='y', y_block=CategoryBlock(), procs=[Categorify], bs=16)
+    tab = tabular_learner(dls, n_out=2)
+    with pytest.raises(TypeError, match='tabular or text'): tab.heatmap(df.iloc[:2])
+    # a sequence model over token ids: one input, but no convolution over images
+    tokens = [(torch.randint(0, 20, (7,)), torch.tensor(1)) for _ in range(8)]
+    text = Learner(DataLoaders.from_dsets(tokens, tokens, bs=4), nn.Sequential(nn.Embedding(20, 4), nn.Flatten(), nn.Linear(28, 2)),
+                   loss_func=nn.CrossEntropyLoss())
+    with pytest.raises(TypeError, match='tabular or text'): text.heatmap(['some text'])
+    with pytest.raises(TypeError, match='tabular or text'): text.show_cam('some text')
