@@ -8,9 +8,10 @@ Docs: https://fastai-heatmap.github.io/fastai_heatmap/all.html.md"""
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #6de90e64
-from . import hooks, data, core, learner
+from . import hooks, data, core, learner, interpret
 from .hooks import *
 from .data import *
 from .core import *
 from .learner import *
-__all__ = hooks.__all__ + data.__all__ + core.__all__ + learner.__all__
+from .interpret import *
+__all__ = hooks.__all__ + data.__all__ + core.__all__ + learner.__all__ + interpret.__all__

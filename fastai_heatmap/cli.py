@@ -1,4 +1,4 @@
-"""`fastai-heatmap demo`: build the embedded dataset, fine-tune a CNN on it, and write the heatmaps
+"""`fastai-heatmap explain` for exported learners, and `fastai-heatmap demo`: the library in one command
 
 Docs: https://fastai-heatmap.github.io/fastai_heatmap/cli.html.md"""
 
@@ -6,18 +6,92 @@ Docs: https://fastai-heatmap.github.io/fastai_heatmap/cli.html.md"""
 
 # %% ../nbs/05_cli.ipynb #2c919308
 from __future__ import annotations
-import argparse, sys, time
+import argparse, sys, time, warnings
 from pathlib import Path
+from PIL import Image
 import matplotlib
 import matplotlib.pyplot as plt
 import torch
+import numpy as np, pandas as pd
+from fastprogress.fastprogress import progress_bar
+from fastai.learner import load_learner
+from fastai.data.transforms import get_image_files
 from .data import make_digits, demo_learner, get_boxes, pointing_game
 from .learner import *
+from .learner import _vocab
+from .interpret import HeatmapInterpretation, _is_multilabel
 
 # %% auto #0
-__all__ = ['demo', 'main']
+__all__ = ['overlay', 'image_files', 'explain_files', 'demo', 'main']
 
-# %% ../nbs/05_cli.ipynb #b2f9d370
+# %% ../nbs/05_cli.ipynb #356385ee
+def overlay(
+    imgs:torch.Tensor, # Decoded images (B, C, H, W), pixel values 0 to 255
+    maps:torch.Tensor, # Heatmaps (B, H, W) in [0, 1]
+    alpha:float=0.6, # Opacity of the heatmaps
+    cmap:str='magma', # Matplotlib colour map
+)->torch.Tensor:
+    "The images with their heatmaps blended over them, as `show_heatmap` draws them, as (B, H, W, 3) uint8 pixels"
+    lut = torch.tensor(matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3], dtype=torch.float32, device=maps.device)
+    col = lut[(maps.clamp(0, 1)*255).round().long()]
+    img = imgs.float().to(maps.device).permute(0, 2, 3, 1)[..., :3] / 255
+    if img.shape[-1] == 1: img = img.expand(-1, -1, -1, 3)
+    return ((1-alpha)*img + alpha*col).mul(255).round().clamp(0, 255).byte()
+
+# %% ../nbs/05_cli.ipynb #69fd9066
+def image_files(paths:list)->list:
+    "The image files among `paths`: files as given, folders searched (recursively) with fastai's `get_image_files`"
+    res = []
+    for p in map(Path, paths): res += list(get_image_files(p)) if p.is_dir() else [p]
+    return res
+
+def _png_name(f, used):
+    "A unique PNG name for the heatmap of image file `f`"
+    name, i = f"{Path(f).stem}.png", 1
+    while name in used: name, i = f"{Path(f).stem}_{i}.png", i+1
+    used.add(name)
+    return name
+
+# %% ../nbs/05_cli.ipynb #c847a9e9
+def explain_files(
+    learn, # A vision learner (for example from `load_learner`)
+    files:list, # Image files
+    out:str|Path, # Folder for the heatmap PNGs and predictions.csv
+    method:str='gradcam', # 'gradcam' or 'cam'
+    target:str='pred', # 'pred' for each image's prediction, or a label to explain in every image
+    layer=None, # Dotted name of the layer; None for the body of a fastai model
+    bs:int=64, # Images per batch
+    alpha:float=0.6, # Opacity of the heatmaps
+    cmap:str='magma', # Matplotlib colour map
+)->tuple:
+    "Write one heatmap PNG per image and predictions.csv to `out`, batch by batch; returns (the rows written, the files that failed with why)"
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    targets = None if target == 'pred' else label_targets(learn, target, 1)[0].item() # an unknown label fails here, before any work
+    vocab, multi = _vocab(learn), _is_multilabel(learn)
+    act = getattr(learn.loss_func, 'activation', None) or (lambda o: o.softmax(-1))
+    thresh = getattr(learn.loss_func, 'thresh', 0.5)
+    rows, failed, used = [], [], set()
+    for start in progress_bar(range(0, len(files), bs), leave=False):
+        good, items = [], []
+        for f in files[start:start+bs]:
+            try: items.append(load_item(f)); good.append(f)
+            except (OSError, ValueError) as e:
+                failed.append((str(f), str(e)))
+                print(f"skipped {f}: {e}", file=sys.stderr)
+        if not items: continue
+        e, imgs = learn.explain(items, targets, method=method, layer=layer, with_input=True, bs=bs)
+        probs = act(e.preds).float()
+        px = overlay(imgs, e.maps, alpha=alpha, cmap=cmap).cpu().numpy()
+        for f, p, t, pix in zip(good, probs, e.targets.tolist(), px):
+            name = _png_name(f, used)
+            Image.fromarray(pix).save(out/name)
+            lbl = (lambda i: str(vocab[i])) if vocab is not None else str
+            pred = ';'.join(lbl(i) for i in torch.where(p > thresh)[0].tolist()) if multi else lbl(p.argmax().item())
+            rows.append(dict(file=str(f), predicted=pred, probability=round(p.max().item(), 4), explained=lbl(t), heatmap=name))
+    pd.DataFrame(rows, columns=['file', 'predicted', 'probability', 'explained', 'heatmap']).to_csv(out/'predictions.csv', index=False)
+    return rows, failed
+
+# %% ../nbs/05_cli.ipynb #5b98fe52
 def _save(fig, fn):
     fig.savefig(fn, dpi=90, bbox_inches='tight')
     plt.close(fig)
@@ -42,15 +116,25 @@ def demo(
     ok = e.preds.argmax(1) == targs
     hit = pointing_game(e.maps, get_boxes(path, fns), img_size=(64, 64))
     pg = float(hit[ok].float().mean())
-    files = [_save(learn.show_cams(fns[::9][:16], layer='0.6', nrows=2), out/'cams.png'),
-             _save(learn.show_cams(fns[::9][:16], nrows=2), out/'cams_body.png')]
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', UserWarning) # the body's 2×2 maps are shown on purpose, beside layer '0.6'
+        files = [_save(learn.show_cams(fns[::9][:16], layer='0.6', nrows=2), out/'cams.png'),
+                 _save(learn.show_cams(fns[::9][:16], nrows=2), out/'cams_body.png')]
+    interp = HeatmapInterpretation.from_learner(learn)
+    files += [_save(interp.plot_top_losses(9, layer='0.6'), out/'top_losses.png'),
+              _save(interp.plot_top_losses(6, target='both', layer='0.6'), out/'top_losses_both.png'),
+              _save(interp.plot_class_heatmaps(layer='0.6'), out/'class_heatmaps.png'),
+              _save(interp.plot_confused_heatmaps(layer='0.6'), out/'confused_heatmaps.png')]
+    ch = interp.class_heatmaps(layer='0.6')
     res = dict(trained=trained, seconds=round(t_train, 1), accuracy=round(acc, 4), pointing_game=round(pg, 4), files=[str(f) for f in files])
     print(f"{'Trained' if trained else 'Loaded cached weights'} in {t_train:.0f} s: validation accuracy {acc:.3f}.")
     print(f"Pointing game at layer '0.6' (4×4): the Grad-CAM peak is on the digit for {pg:.1%} of the {int(ok.sum())} correctly classified validation images.")
+    print("Share of each class's mean map in the image's border band (a uniform map: "
+          f"{ch.uniform_border:.0%}): " + ", ".join(f"{v} {m:.0%}" for v, m in zip(learn.dls.vocab, ch.border_mass.tolist())))
     print("Wrote:\n" + "\n".join(f"  {f}" for f in files))
     return res
 
-# %% ../nbs/05_cli.ipynb #356385ee
+# %% ../nbs/05_cli.ipynb #08898035
 def _parser():
     p = argparse.ArgumentParser(prog='fastai-heatmap', description="Heatmaps (Grad-CAM, CAM) for fastai vision learners.")
     sub = p.add_subparsers(dest='command', required=True)
@@ -60,7 +144,37 @@ def _parser():
     d.add_argument('--out', default='demo_out', help="Folder for the pictures (default: demo_out)")
     d.add_argument('--epochs', type=int, default=10, help="Epochs of training (default: 10)")
     d.add_argument('--cached', action='store_true', help="Reuse weights trained earlier with the same settings instead of training")
+    x = sub.add_parser('explain', help="Write heatmaps of image files with a learner saved by learn.export()",
+                       description="Loads a learner saved with learn.export(), and writes for each image the image with its heatmap over it "
+                                   "(a PNG named after the image) and predictions.csv (file, predicted label, probability, explained class, "
+                                   "heatmap file). Unreadable files are reported and skipped; the exit status is 1 if any file failed.")
+    x.add_argument('model', help="A learner saved with learn.export() (.pkl)")
+    x.add_argument('paths', nargs='+', metavar='PATH', help="Image files, or folders searched recursively for images")
+    x.add_argument('--out', required=True, help="Folder for the heatmap PNGs and predictions.csv")
+    x.add_argument('--method', default='gradcam', choices=['gradcam', 'cam'], help="Heatmap method (default: gradcam)")
+    x.add_argument('--target', default='pred', help="'pred' to explain each image's prediction (default), or a label to explain in every image")
+    x.add_argument('--layer', default=None, help="Dotted name of the layer to explain (default: the body of a fastai model, e.g. '0'; '0.6' is finer)")
+    x.add_argument('--bs', type=int, default=64, help="Images per batch (default: 64)")
+    x.add_argument('--alpha', type=float, default=0.6, help="Opacity of the heatmaps (default: 0.6)")
+    x.add_argument('--cmap', default='magma', help="Matplotlib colour map (default: magma)")
     return p
+
+def _explain_cmd(args):
+    model = Path(args.model)
+    if not model.is_file(): return _fail(f"No such model file: '{model}'. Save one with learn.export().")
+    try: learn = load_learner(model, cpu=not torch.cuda.is_available())
+    except Exception as e: return _fail(f"Could not load '{model}' as an exported learner ({type(e).__name__}: {e}).")
+    files = image_files(args.paths)
+    if not files: return _fail("No image files found in " + ", ".join(args.paths))
+    try: rows, failed = explain_files(learn, files, args.out, method=args.method, target=args.target, layer=args.layer,
+                                      bs=args.bs, alpha=args.alpha, cmap=args.cmap)
+    except (ValueError, TypeError, IndexError) as e: return _fail(str(e))
+    print(f"Wrote {len(rows)} heatmaps and predictions.csv to {args.out}" + (f"; {len(failed)} file(s) failed" if failed else ""))
+    return 1 if failed else 0
+
+def _fail(msg):
+    print(f"fastai-heatmap: error: {msg}", file=sys.stderr)
+    return 2
 
 def main(argv:list|None=None):
     "Entry point of the `fastai-heatmap` command"
@@ -68,3 +182,4 @@ def main(argv:list|None=None):
     if args.command == 'demo':
         demo(args.out, epochs=args.epochs, retrain=not args.cached)
         return 0
+    if args.command == 'explain': return _explain_cmd(args)

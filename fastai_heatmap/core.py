@@ -15,11 +15,13 @@ from torch import nn, Tensor
 from fastai.callback.hook import Hooks
 from fastai.layers import AdaptiveConcatPool2d
 from fastai.torch_core import show_image, to_np
+from fastai.vision.data import get_grid
 from .hooks import *
 
 # %% auto #0
 __all__ = ['eval_mode', 'layer_shapes', 'default_layer', 'suggest_layer', 'resolve_layer', 'normalize_maps', 'CAMMethod',
-           'register_method', 'get_method', 'GradCAM', 'CAM', 'Explanation', 'explain', 'heatmap', 'show_heatmap']
+           'register_method', 'get_method', 'GradCAM', 'CAM', 'Explanation', 'explain', 'heatmap', 'show_heatmap',
+           'heatmap_grid']
 
 # %% ../nbs/02_core.ipynb #5d004740
 @contextmanager
@@ -87,14 +89,16 @@ def resolve_layer(
 
 # %% ../nbs/02_core.ipynb #7e1c26f9
 def _targets(targets, logits:Tensor)->Tensor:
-    "The class explained for each sample: predicted when `targets` is None, else `targets` (one int, or one per sample)"
+    "The classes explained: each sample's prediction when `targets` is None, else `targets` (an int, one per sample (B,), or several per sample (B, T))"
     n, c = logits.shape
+    if callable(targets): targets = targets(logits.detach())
     if targets is None: return logits.argmax(1)
     if isinstance(targets, str) or (isinstance(targets, (list, tuple)) and any(isinstance(o, str) for o in targets)):
         raise TypeError("`targets` here are class indices; to use label names, call `learn.heatmap`, which looks them up in `learn.dls.vocab`.")
-    t = torch.as_tensor(targets, device=logits.device)
+    t = torch.as_tensor(targets, device=logits.device).as_subclass(Tensor) # a fastai `TensorCategory` would tag along
     if t.is_floating_point() or t.dtype == torch.bool: raise TypeError(f"`targets` should be class indices (integers); got {t.dtype}.")
-    t = t.long().flatten() if t.ndim else t.long().expand(n)
+    if t.ndim > 2: raise ValueError(f"`targets` should be an int, one class per sample (B,), or several per sample (B, T); got shape {tuple(t.shape)}.")
+    t = t.long() if t.ndim else t.long().expand(n)
     if len(t) != n: raise ValueError(f"`targets` has {len(t)} classes for a batch of {n}: pass one int for all, or one class per sample.")
     bad = t[(t < 0) | (t >= c)]
     if len(bad): raise IndexError(f"Class index {bad[0].item()} is out of range: the model has {c} output{'s' if c>1 else ''} (classes 0 to {c-1}).")
@@ -177,7 +181,7 @@ class CAM(CAMMethod):
 # %% ../nbs/02_core.ipynb #8a9b95b6
 class Explanation(NamedTuple):
     "What `explain` computes for a batch"
-    maps: Tensor # Heatmaps (B, H, W), float32
+    maps: Tensor # Heatmaps (B, H, W), float32; (B, T, H, W) when several classes per sample are explained
     preds: Tensor # The model's outputs for the batch (B, n_classes), float32, before any activation
     targets: Tensor # The class explained for each sample (B,)
     layer: str # Dotted name of the layer the maps come from
@@ -214,7 +218,7 @@ def _model_place(model, xb):
 def explain(
     model:nn.Module, # A classifier: images (B, C, H, W) → scores (B, n_classes)
     xb:Tensor, # A batch of images, as the model takes them (normalized)
-    targets=None, # Class to explain: None for each sample's prediction, an int for all, or one per sample
+    targets=None, # Class to explain: None for each sample's prediction, an int for all, one per sample (B,), several (B, T), or a function of the predictions giving these
     method:str|CAMMethod='gradcam', # 'gradcam' or 'cam', or a `CAMMethod`
     layer:nn.Module|str|None=None, # Module or dotted name of the layer to explain; None for `default_layer`
     upsample:bool=True, # Bilinear upsampling (align_corners=False) to the input's H×W; False keeps the layer's resolution
@@ -237,18 +241,20 @@ def explain(
                 with torch.no_grad(): out = model(x)
                 acts, preds = _check_acts(h, name), _check_preds(out, len(x))
                 tg = _targets(targets, preds)
-                grads = None
+                cols = tg if tg.ndim == 2 else tg[:, None] # (B, T): T classes explained per sample, from this one forward pass
+                grads = [None]*cols.shape[1]
                 if meth.needs_grad:
                     if not preds.requires_grad: raise ValueError(f"The model's output does not depend on layer {name!r}: choose a layer on the path to the output.")
-                    grads = h.gradient(preds.gather(1, tg[:, None])).float()
+                    grads = [h.gradient(preds.gather(1, cols[:, j:j+1]), retain_graph=j < cols.shape[1]-1).float() for j in range(cols.shape[1])]
             with torch.no_grad(), torch.autocast(device.type, enabled=False): # the map's own math is float32, whatever the model's
                 a = acts.detach().float()
-                w = meth.weights(acts=a, grads=grads, model=model, logits=preds.detach(), targets=tg).float()
-                maps = torch.einsum('bk,bkhw->bhw', w, a) if w.ndim == 2 else (w*a).sum(1)
+                ws = [meth.weights(acts=a, grads=g, model=model, logits=preds.detach(), targets=cols[:, j]).float() for j, g in enumerate(grads)]
+                maps = torch.stack([torch.einsum('bk,bkhw->bhw', w, a) if w.ndim == 2 else (w*a).sum(1) for w in ws], 1)
                 if relu: maps = maps.relu()
                 size = tuple(maps.shape[-2:])
-                if upsample: maps = F.interpolate(maps[:, None], size=x.shape[-2:], mode='bilinear', align_corners=False)[:, 0]
+                if upsample: maps = F.interpolate(maps, size=x.shape[-2:], mode='bilinear', align_corners=False)
                 maps = normalize_maps(maps, norm)
+                if tg.ndim == 1: maps = maps[:, 0]
     finally: torch.set_grad_enabled(grad_mode)
     return Explanation(maps.to(xb.device), preds.detach().float().to(xb.device), tg.to(xb.device), name, size)
 
@@ -286,3 +292,18 @@ def show_heatmap(
     ax.imshow(to_np(hm.float()) if isinstance(hm, Tensor) else hm, alpha=alpha, extent=(0, w, h, 0), cmap=cmap,
               interpolation=interpolation, vmin=vmin, vmax=vmax)
     return ax
+
+# %% ../nbs/02_core.ipynb #498e5c74
+def heatmap_grid(
+    imgs, # Images, as `show_heatmap` takes them
+    maps, # One heatmap per image
+    titles:list|None=None, # One title per image
+    nrows:int|None=None, ncols:int|None=None, # Grid shape (fastai's `get_grid` defaults)
+    figsize:tuple|None=None, # Size of the figure
+    suptitle:str|None=None, # Title of the figure
+    **kwargs, # Passed to `show_heatmap` (`alpha`, `cmap`, `vmin`, `vmax`, ...)
+):
+    "Draw each image with its heatmap over it in a grid; returns the figure"
+    fig, axs = get_grid(len(maps), nrows=nrows, ncols=ncols, figsize=figsize, title=suptitle, return_fig=True)
+    for ax, img, hm, title in zip(axs, imgs, maps, titles or [None]*len(maps)): show_heatmap(img, hm, ax=ax, title=title, **kwargs)
+    return fig

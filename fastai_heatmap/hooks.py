@@ -32,12 +32,15 @@ class ActivationHook:
         torch.set_grad_enabled(True) # undone when the caller's `torch.no_grad()` block ends
         return self.stored.clone() # an in-place op that follows (`ReLU(inplace=True)`) modifies the copy, not the leaf
 
-    def gradient(self, scores:Tensor)->Tensor:
+    def gradient(self,
+        scores:Tensor, # Scores computed from the model's output in the forward pass that ran through the hook
+        retain_graph:bool=False, # Keep the graph, to ask for the gradient of other scores of the same forward pass
+    )->Tensor:
         "Gradient of `scores.sum()` with respect to the stored activation, by `torch.autograd.grad`"
         if not self.grad: raise RuntimeError("This hook was created with grad=False: create it with ActivationHook(m, grad=True) to get gradients.")
         if self.stored is None: raise RuntimeError("The hooked module has not run yet: call the model on a batch before asking for gradients.")
         if not scores.requires_grad: raise RuntimeError("The scores do not depend on the hooked module's output: run the model forward while the hook is active and pass (a function of) its output.")
-        return torch.autograd.grad(scores.sum(), self.stored)[0]
+        return torch.autograd.grad(scores.sum(), self.stored, retain_graph=retain_graph)[0]
 
     def remove(self):
         "Remove the hook from the module (safe to call twice)"

@@ -6,7 +6,7 @@ Docs: https://fastai-heatmap.github.io/fastai_heatmap/learner.html.md"""
 
 # %% ../nbs/03_learner.ipynb #050ad999
 from __future__ import annotations
-import warnings
+import warnings, weakref
 from contextlib import nullcontext
 from pathlib import Path
 import numpy as np, torch
@@ -17,13 +17,12 @@ from fastcore.xtras import is_listy
 from fastcore.meta import delegates
 from fastai.learner import Learner
 from fastai.vision.core import PILImage
-from fastai.vision.data import get_grid
 from fastai.callback.fp16 import AMPMode
 from fastprogress.fastprogress import progress_bar
 from .core import *
 
 # %% auto #0
-__all__ = ['load_item', 'check_vision_learner', 'label_targets']
+__all__ = ['load_item', 'check_vision_learner', 'label_targets', 'explain_dl']
 
 # %% ../nbs/03_learner.ipynb #c84d453a
 def load_item(o):
@@ -53,7 +52,7 @@ def check_vision_learner(learn:Learner):
                         "which has no spatial map to show.")
 
 def label_targets(learn:Learner, targets, n:int):
-    "`targets` for `n` items as class indices: None, an int or label for all, or one per item; labels are looked up in `learn.dls.vocab`"
+    "`targets` for `n` items as class indices: None, an int or label for all, one per item, or a list of several per item; labels are looked up in `learn.dls.vocab`"
     if targets is None: return None
     if isinstance(targets, Tensor): targets = targets.tolist()
     ts = list(targets) if is_listy(targets) or isinstance(targets, np.ndarray) else [targets]*n
@@ -61,6 +60,7 @@ def label_targets(learn:Learner, targets, n:int):
     vocab = getattr(learn.dls, 'vocab', None)
     if is_listy(vocab) and len(vocab) and is_listy(vocab[0]): vocab = vocab[-1] # (inputs' vocab, targets' vocab)
     def _idx(t):
+        if is_listy(t) or isinstance(t, np.ndarray): return [_idx(o) for o in t] # several classes for one item
         if not isinstance(t, str): return int(t)
         try: return list(vocab).index(t)
         except (ValueError, TypeError): raise ValueError(f"Unknown label {t!r}: this learner's labels are {list(vocab) if vocab is not None else 'not available (no vocab)'}.") from None
@@ -73,6 +73,54 @@ def _autocast(learn, device):
     if mp is None or device.type != 'cuda': return nullcontext()
     return torch.autocast('cuda', dtype=torch.bfloat16 if mp.amp_mode == AMPMode.BF16 else torch.float16)
 
+def _check_decoded(img):
+    if not (isinstance(img, Tensor) and img.ndim == 4 and img.shape[1] in (1, 3, 4)):
+        got = f"{type(img).__name__} of shape {tuple(img.shape)}" if isinstance(img, Tensor) else type(img).__name__
+        raise TypeError(f"The learner's inputs decode to a {got}, which cannot be drawn as an image under a heatmap. "
+                        "Heatmaps need `learn.dls` to decode its inputs to images (fastai's ImageBlock does).")
+    return img
+
+_finer = weakref.WeakKeyDictionary()
+def _finer_layer(model, xb):
+    "`suggest_layer`, remembered per model and input size (it costs a forward pass with every module hooked)"
+    d = _finer.setdefault(model, {})
+    if xb.shape[1:] not in d: d[xb.shape[1:]] = suggest_layer(model, xb)
+    return d[xb.shape[1:]]
+
+def explain_dl(
+    learn:Learner, # A vision learner
+    dl, # A `DataLoader` of `learn.dls` (such as `learn.dls.test_dl(items)`)
+    targets=None, # None for the predictions; a class index for all; a tensor with one (or several) per item; or a function of (preds, labels)
+    method:str='gradcam', # 'gradcam' or 'cam'
+    layer=None, # Module or dotted name of the layer; None for the body of a fastai model
+    with_input:bool=False, # Also return the decoded images (on the CPU, for showing)
+    with_labels:bool=False, # Also return the labels `dl` yields after the inputs
+    warn_small:bool=False, # Warn when the layer's maps are smaller than 4×4
+    **kwargs, # `upsample`, `norm`, `relu`: passed to the engine `explain`
+):
+    "`Explanation` of all of `dl`, batch by batch through the engine (with a progress bar), and the decoded images and labels if asked"
+    check_vision_learner(learn)
+    model, n_inp = learn.model, getattr(dl, 'n_inp', 1)
+    res, imgs, ys, mod, i = [], [], [], layer, 0
+    for b in (progress_bar(dl, leave=False) if len(dl) > 1 else dl):
+        xb = b[0]
+        yb = b[n_inp] if with_labels else None
+        if not isinstance(mod, nn.Module): mod = resolve_layer(model, layer, xb.as_subclass(Tensor))[0]
+        tg = (lambda p, yb=yb: targets(p, yb)) if callable(targets) else targets[i:i+len(xb)] if isinstance(targets, Tensor) and targets.ndim else targets
+        with _autocast(learn, next(model.parameters()).device):
+            e = explain(model, xb, tg, method=method, layer=mod, **kwargs)
+        if warn_small and i == 0 and min(e.layer_size) < 4:
+            finer = _finer_layer(model, xb.as_subclass(Tensor))
+            hint = f" A finer layer is {finer!r}: pass layer={finer!r}." if finer else ""
+            warnings.warn(f"Layer {e.layer!r} gives {e.layer_size[0]}×{e.layer_size[1]} maps for {xb.shape[-2]}×{xb.shape[-1]} images, too coarse to show much.{hint}")
+        res.append(e)
+        if with_input: imgs.append(_check_decoded(dl.decode((xb,))[0]))
+        if with_labels: ys.append(yb.as_subclass(Tensor))
+        i += len(xb)
+    e = Explanation(*(torch.cat([getattr(o, f) for o in res]) for f in ('maps', 'preds', 'targets')), res[0].layer, res[0].layer_size)
+    return e, (torch.cat(imgs) if with_input else None), (torch.cat(ys) if with_labels else None)
+
+# %% ../nbs/03_learner.ipynb #158f59e8
 @patch
 def explain(self:Learner,
     items, # Image files, PIL images, or items of the kind `learn.dls` was built from
@@ -81,33 +129,17 @@ def explain(self:Learner,
     layer=None, # Module or dotted name of the layer; None for the body of a fastai model
     bs:int|None=None, # Batch size (the validation `DataLoader`'s by default)
     with_input:bool=False, # Also return the decoded images (on the CPU, for showing)
-    warn_small:bool=False, # Warn when the layer's maps are smaller than 4×4
-    **kwargs, # `upsample`, `norm`, `relu`: passed to the engine `explain`
+    **kwargs, # `warn_small`, and `upsample`, `norm`, `relu` of the engine
 ):
     "`Explanation` of `items` (maps, preds, targets on the model's device), batched through `learn.dls.test_dl`"
     check_vision_learner(self)
     items = [load_item(o) for o in _items(items)]
     if not items: raise ValueError("No items to explain.")
     tg = label_targets(self, targets, len(items))
-    dl = self.dls.test_dl(items, bs=ifnone(bs, self.dls.valid.bs))
-    model = self.model
-    res, imgs, mod, i = [], [], layer, 0
-    for b in (progress_bar(dl, leave=False) if len(dl) > 1 else dl):
-        xb = b[0]
-        if not isinstance(mod, nn.Module): mod = resolve_layer(model, layer, xb.as_subclass(Tensor))[0]
-        with _autocast(self, next(model.parameters()).device):
-            e = explain(model, xb, None if tg is None else tg[i:i+len(xb)], method=method, layer=mod, **kwargs)
-        if warn_small and i == 0 and min(e.layer_size) < 4:
-            finer = suggest_layer(model, xb.as_subclass(Tensor))
-            hint = f" A finer layer is {finer!r}: pass layer={finer!r}." if finer else ""
-            warnings.warn(f"Layer {e.layer!r} gives {e.layer_size[0]}×{e.layer_size[1]} maps for {xb.shape[-2]}×{xb.shape[-1]} images, too coarse to show much.{hint}")
-        res.append(e)
-        if with_input: imgs.append(self.dls.decode((xb,))[0])
-        i += len(xb)
-    e = Explanation(*(torch.cat([getattr(o, f) for o in res]) for f in ('maps', 'preds', 'targets')), res[0].layer, res[0].layer_size)
-    return (e, torch.cat(imgs)) if with_input else e
+    e, imgs, _ = explain_dl(self, self.dls.test_dl(items, bs=ifnone(bs, self.dls.valid.bs)), tg, method=method, layer=layer, with_input=with_input, **kwargs)
+    return (e, imgs) if with_input else e
 
-# %% ../nbs/03_learner.ipynb #158f59e8
+# %% ../nbs/03_learner.ipynb #3a4ad6e4
 @patch
 def heatmap(self:Learner,
     items, # Image files, PIL images, or items of the kind `learn.dls` was built from
@@ -119,7 +151,7 @@ def heatmap(self:Learner,
     "Heatmaps (N, H, W) of `items`, on the learner's device"
     return self.explain(items, targets, method=method, layer=layer, **kwargs).maps
 
-# %% ../nbs/03_learner.ipynb #e50925b5
+# %% ../nbs/03_learner.ipynb #ea1a3048
 _engine_kw = ('upsample', 'norm', 'relu', 'bs')
 
 def _split_kw(kwargs):
@@ -137,7 +169,7 @@ def _cam_titles(learn, e):
     lbl = (lambda i: str(vocab[i])) if vocab is not None else str
     return [f"{lbl(p)} ({probs[j, p]:.2f})" + ("" if t == p else f"\nmap for {lbl(t)}") for j, (p, t) in enumerate(zip(pred.tolist(), e.targets.tolist()))]
 
-# %% ../nbs/03_learner.ipynb #ea1a3048
+# %% ../nbs/03_learner.ipynb #13000188
 @patch
 def show_cam(self:Learner,
     item, # An image file, a PIL image, or an item of the kind `learn.dls` was built from
@@ -157,7 +189,7 @@ def show_cam(self:Learner,
     return show_heatmap(imgs[0], e.maps[0], ax=ax, alpha=alpha, cmap=cmap, figsize=figsize, title=_cam_titles(self, e)[0],
                         vmin=rng[0], vmax=rng[1], **skw)
 
-# %% ../nbs/03_learner.ipynb #13000188
+# %% ../nbs/03_learner.ipynb #36f658e1
 @patch
 def show_cams(self:Learner,
     items, # Image files, PIL images, or items of the kind `learn.dls` was built from
@@ -173,9 +205,6 @@ def show_cams(self:Learner,
     "`show_cam` for many items in one batched pass, as a grid; returns the figure"
     ekw, skw = _split_kw(kwargs)
     e, imgs = self.explain(items, targets, method=method, layer=layer, with_input=True, warn_small=True, **ekw)
-    n = len(imgs)
-    fig, axs = get_grid(n, nrows=nrows, ncols=ncols, figsize=figsize, return_fig=True)
     rng = (0, 1) if ekw.get('norm', 'image') is not None else (None, None)
-    for ax, img, hm, title in zip(axs, imgs, e.maps.cpu(), _cam_titles(self, e)):
-        show_heatmap(img, hm, ax=ax, alpha=alpha, cmap=cmap, title=title, vmin=rng[0], vmax=rng[1], **skw)
-    return fig
+    return heatmap_grid(imgs, e.maps.cpu(), _cam_titles(self, e), nrows=nrows, ncols=ncols, figsize=figsize,
+                        alpha=alpha, cmap=cmap, vmin=rng[0], vmax=rng[1], **skw)

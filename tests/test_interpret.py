@@ -1,0 +1,212 @@
+"""HeatmapInterpretation: fastai's own Interpretation tests on it, plot_top_losses and its titles and maps, 'both',
+class and confusion heatmaps, multi-label and single-logit learners, bad input, and the `explain` CLI round trip."""
+import re
+import numpy as np, pandas as pd, pytest, torch
+import matplotlib.pyplot as plt
+from pathlib import Path
+from PIL import Image
+from fastai.vision.all import (DataBlock, ImageBlock, MultiCategoryBlock, CategoryBlock, GrandparentSplitter, get_image_files,
+                               vision_learner, resnet18, Normalize, imagenet_stats, ClassificationInterpretation, L, to_cpu,
+                               BCEWithLogitsLossFlat, load_learner, set_seed)
+from fastai_heatmap.all import *
+from fastai_heatmap.cli import main
+from conftest import model_state, assert_same_state
+
+
+@pytest.fixture(scope='module')
+def interp(demo): return HeatmapInterpretation.from_learner(demo)
+
+
+def _cells(fig): return [a for a in fig.axes if a.get_images()]
+
+
+def test_fastai_interpretation_tests(demo, interp):
+    "fastai's own tests for Interpretation and ClassificationInterpretation (nbs/20_interpret.ipynb), on HeatmapInterpretation"
+    x, y, out = [], [], []
+    for xb, yb in demo.dls.valid:
+        x += xb; y += yb
+        with torch.no_grad(): out += demo.model.eval()(xb)
+    x, y, out = torch.stack(x), torch.stack(y), torch.stack(out)
+    inps, preds, targs, decoded, losses = interp[:]
+    assert torch.equal(inps, to_cpu(x)) and torch.equal(targs, to_cpu(y))
+    torch.testing.assert_close(losses, to_cpu(torch.stack([demo.loss_func(p, t) for p, t in zip(out, y)])), rtol=1e-3, atol=1e-4)
+    top, idx = interp.top_losses(9)
+    tmp_dl = demo.dls.test_dl(L(interp.dl.items)[idx], with_labels=True)
+    _, _, _, _, l2 = demo.get_preds(dl=tmp_dl, with_input=True, with_loss=True, with_decoded=True, act=None, reorder=False)
+    torch.testing.assert_close(top, l2, rtol=1e-3, atol=1e-3)
+    tr = HeatmapInterpretation.from_learner(demo, ds_idx=0)  # the training set
+    assert len(tr.losses) == len(demo.dls.train_ds)
+    cm = interp.confusion_matrix()
+    assert cm.shape == (4, 4) and cm.sum() == len(demo.dls.valid_ds)
+    np.testing.assert_array_equal(cm, ClassificationInterpretation.from_learner(demo).confusion_matrix())
+    assert interp.most_confused() == ClassificationInterpretation.from_learner(demo).most_confused()
+    interp.plot_confusion_matrix(); interp.print_classification_report(); interp.show_results([0, 1])
+    plt.close('all')
+
+
+def test_plot_top_losses(demo, interp):
+    k = 9
+    fig = interp.plot_top_losses(k, layer='0.6')
+    cells = _cells(fig)
+    assert len(cells) == k and all(len(a.get_images()) == 2 for a in cells)
+    assert 'Probability of the actual class' in fig._suptitle.get_text()
+    losses, idx = interp.top_losses(k)
+    e = demo.explain(L(interp.dl.items)[idx.tolist()], layer='0.6')
+    probs = e.preds.softmax(1)
+    for a, l, i, p in zip(cells, losses, idx.tolist(), probs):
+        pred, actual, loss, prob = [o.strip() for o in a.get_title().split('\n')[0].split('/')]
+        truth = interp.dl.items[i].parent.name
+        assert (pred, actual) == (demo.dls.vocab[p.argmax()], truth)
+        assert float(loss) == pytest.approx(l.item(), abs=0.006)
+        assert float(prob) == pytest.approx(p[demo.dls.vocab.o2i[truth]].item(), abs=0.006)  # the actual class's probability
+    drawn = np.stack([a.get_images()[1].get_array().data for a in cells])
+    np.testing.assert_allclose(drawn, e.maps.cpu().numpy(), rtol=1e-5, atol=1e-6)  # the maps it draws are learn.heatmap's
+    plt.close('all')
+
+
+def test_plot_top_losses_both_and_options(demo, interp):
+    fig = interp.plot_top_losses(4, target='both', layer='0.6')
+    cells = _cells(fig)
+    assert len(cells) == 8
+    losses, idx = interp.top_losses(4)
+    e = demo.explain(L(interp.dl.items)[idx.tolist()], layer='0.6')
+    wrong = [j for j, i in enumerate(idx.tolist()) if demo.dls.vocab[e.preds[j].argmax()] != interp.dl.items[i].parent.name]
+    assert wrong, 'the demo model makes at least one mistake in its validation set'
+    for j in wrong:
+        left, right = cells[2*j], cells[2*j+1]
+        pred, actual = [o.strip() for o in left.get_title().split('\n')[0].split('/')[:2]]
+        assert pred != actual
+        assert left.get_title().endswith(f'map for {pred}') and right.get_title() == f'map for {actual}'
+        maps = interp.heatmaps([idx[j].item()], target='both', layer='0.6')[0]
+        np.testing.assert_allclose(left.get_images()[1].get_array().data, maps[0].cpu().numpy(), atol=1e-6)
+        np.testing.assert_allclose(right.get_images()[1].get_array().data, maps[1].cpu().numpy(), atol=1e-6)
+        assert not torch.allclose(maps[0], maps[1])  # two different classes explained
+    # 'actual' explains the label; k as a range; no titles for publication figures; fastai's plain plot
+    t = interp.heatmaps(idx.tolist(), target='actual', layer='0.6')
+    torch.testing.assert_close(t, demo.heatmap(L(interp.dl.items)[idx.tolist()], targets=[interp.dl.items[i].parent.name for i in idx.tolist()], layer='0.6'))
+    assert len(_cells(interp.plot_top_losses(range(7, 16), layer='0.6'))) == 9
+    quiet = interp.plot_top_losses(3, layer='0.6', show_text=False)
+    assert all(a.get_title() == '' for a in quiet.axes) and quiet._suptitle is None
+    assert len(_cells(interp.plot_top_losses(3, largest=False, layer='0.6'))) == 3
+    plain = interp.plot_top_losses(3, heatmap=False)
+    assert all(len(a.get_images()) == 1 for a in _cells(plain))
+    assert len(_cells(interp.show_heatmaps([0, 5], target='both', layer='0.6'))) == 4
+    plt.close('all')
+
+
+def test_bad_input(demo, interp):
+    n = len(interp.losses)
+    with pytest.raises(ValueError, match='1 or more'): interp.plot_top_losses(0)
+    with pytest.raises(ValueError, match=f'only {n} items'): interp.plot_top_losses(n + 1)
+    with pytest.raises(IndexError, match='sorted losses'): interp.plot_top_losses([n])
+    with pytest.raises(ValueError, match='Unknown target'): interp.plot_top_losses(3, target='nope')
+    with pytest.raises(ValueError, match='Unknown target'): interp.plot_top_losses(3, target='9')
+    with pytest.raises(IndexError, match='range'): interp.heatmaps([n + 5])
+    with pytest.raises(ValueError, match='Unknown target'): interp.class_heatmaps(target='both')
+    before = model_state(demo.model)
+    with pytest.raises(ValueError): interp.plot_top_losses(3, method='cam')
+    assert_same_state(before, model_state(demo.model))
+    plt.close('all')
+
+
+def test_class_and_confused_heatmaps(demo, interp):
+    ch = interp.class_heatmaps(layer='0.6')
+    assert ch.maps.shape == (4, 64, 64) and ch.images.shape == (4, 3, 64, 64)
+    assert ch.counts.tolist() == [int((torch.tensor([demo.dls.vocab.o2i[f.parent.name] for f in interp.dl.items]) == c).sum()) for c in range(4)]
+    # the mean map of class c is the mean of the 'actual' maps of its items
+    fns = L(interp.dl.items)
+    one = [i for i, f in enumerate(fns) if f.parent.name == '4']
+    torch.testing.assert_close(ch.maps[2], interp.heatmaps(one, target='actual', layer='0.6').mean(0).cpu(), rtol=1e-4, atol=1e-5)
+    # the mean image is the decoded mean of the inputs
+    np.testing.assert_allclose(ch.images[2].numpy(), np.stack([np.asarray(Image.open(fns[i])) for i in one]).mean(0).transpose(2, 0, 1), atol=1.5)
+    # the digits are anywhere but the border is mostly background: less mass there than a uniform map
+    assert (ch.border_mass < ch.uniform_border).all()
+    capped = interp.class_heatmaps(layer='0.6', max_n=5)
+    assert capped.counts.tolist() == [5, 5, 5, 5]
+    fig = interp.plot_class_heatmaps(layer='0.6')
+    assert len(_cells(fig)) == 4 and all('border' in a.get_title() for a in _cells(fig))
+    fig = interp.plot_confused_heatmaps(layer='0.6')
+    pairs = interp.most_confused()
+    assert len(_cells(fig)) == 2 * len(pairs)
+    assert _cells(fig)[0].get_title().startswith(f'actual {pairs[0][0]} → predicted {pairs[0][1]}')
+    assert len(interp.plot_confused_heatmaps(min_val=1000).texts) == 1  # nothing to show, said on the figure
+    plt.close('all')
+
+
+@pytest.fixture(scope='module')
+def multi(demo):
+    "A multi-label learner on the digits (the digit, and whether it is 'big' (4 or 7)), and a single-logit binary one ('one' or not)"
+    path = demo.dls.path
+    def learner(get_y):
+        dblock = DataBlock(blocks=(ImageBlock, MultiCategoryBlock), get_items=get_image_files, splitter=GrandparentSplitter(),
+                           get_y=get_y, batch_tfms=Normalize.from_stats(*imagenet_stats))
+        set_seed(0)
+        return vision_learner(dblock.dataloaders(path, bs=64, num_workers=0), resnet18, pretrained=False)
+    return (learner(lambda f: [f.parent.name] + (['big'] if f.parent.name in '47' else [])),
+            learner(lambda f: ['one'] if f.parent.name == '1' else []))
+
+
+def test_multilabel(multi):
+    ml, binary = multi
+    assert isinstance(ml.loss_func, BCEWithLogitsLossFlat)
+    interp = HeatmapInterpretation.from_learner(ml)
+    idxs = [0, 50, 100, 140]
+    e, _, ys = interp._explain(idxs, 'actual')
+    maps = interp.heatmaps(idxs, target='actual')
+    assert maps.shape == (4, 5, 64, 64)
+    positive = maps.flatten(2).amax(2) > 0
+    assert not (positive & (ys < 0.5)).any()  # maps only for the positive labels
+    raw = ml.heatmap(L(interp.dl.items)[idxs], targets=torch.arange(5).expand(4, 5))
+    torch.testing.assert_close(maps, raw * (ys > 0.5)[..., None, None].to(raw.device))
+    fig = interp.plot_top_losses(4)
+    cells = _cells(fig)
+    assert len(cells) == 4
+    # each cell shows the label with the largest loss
+    losses, idx = interp.top_losses(4)
+    e = ml.explain(L(interp.dl.items)[idx.tolist()])
+    _, _, ys = interp._explain(idx.tolist(), 'actual')
+    worst = torch.nn.functional.binary_cross_entropy_with_logits(e.preds, ys.float(), reduction='none').argmax(1)
+    assert [a.get_title().split(':')[0] for a in cells] == [interp.vocab[j] for j in worst.tolist()]
+    assert len(_cells(interp.show_heatmaps(idxs, target='actual'))) >= 4
+    ch = interp.class_heatmaps(max_n=8)
+    assert ch.maps.shape[0] == 5 and ch.counts.max() <= 8
+    with pytest.raises(ValueError, match="'pred' or 'actual'"): interp.heatmaps(idxs, target='both')
+    # single logit: explained for its one output, positive or not
+    bi = HeatmapInterpretation.from_learner(binary)
+    m = bi.heatmaps([0, 1, 2])
+    assert m.shape == (3, 1, 64, 64) and (m.flatten(1).amax(1) > 0).all()
+    torch.testing.assert_close(m[:, 0], binary.heatmap(L(bi.dl.items)[[0, 1, 2]], targets=0))
+    assert len(_cells(bi.plot_top_losses(3))) == 3
+    plt.close('all')
+
+
+def test_cli_round_trip(demo, tmp_path, capsys):
+    pkl = tmp_path/'model.pkl'
+    demo.export(pkl)
+    imgs = tmp_path/'imgs'; (imgs/'sub').mkdir(parents=True)
+    fns = list(demo.dls.valid_ds.items[:5])
+    for i, f in enumerate(fns): Image.open(f).save((imgs/'sub' if i % 2 else imgs)/f'img{i}.png')
+    (imgs/'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'\x00' * 40)
+    extra = tmp_path/'extra.png'; Image.open(fns[0]).save(extra)
+    out = tmp_path/'out'
+    rc = main(['explain', str(pkl), str(imgs), str(extra), '--out', str(out), '--layer', '0.6', '--bs', '2'])
+    assert rc == 1  # one file failed
+    err = capsys.readouterr().err
+    assert 'corrupt.png' in err
+    df = pd.read_csv(out/'predictions.csv', dtype={'predicted': str, 'explained': str})
+    assert len(df) == 6 and list(df.columns) == ['file', 'predicted', 'probability', 'explained', 'heatmap']
+    assert sorted(p.name for p in out.glob('*.png')) == sorted(df.heatmap)
+    row = df[df.file == str(extra)].iloc[0]
+    e = demo.explain([fns[0]], layer='0.6')
+    assert row.predicted == demo.dls.vocab[e.preds[0].argmax()] == row.explained
+    assert row.probability == pytest.approx(e.preds[0].softmax(0).max().item(), abs=1e-4)
+    assert np.asarray(Image.open(out/row.heatmap)).shape == (64, 64, 3)
+    # a label to explain in every image, and cam on a head that is not pooling → Linear: a clear error, status 2
+    assert main(['explain', str(pkl), str(extra), '--out', str(tmp_path/'o2'), '--target', '1', '--layer', '0.6']) == 0
+    assert (pd.read_csv(tmp_path/'o2'/'predictions.csv', dtype=str).explained == '1').all()
+    assert main(['explain', str(pkl), str(extra), '--out', str(tmp_path/'o3'), '--method', 'cam']) == 2
+    assert "Use method='gradcam'" in capsys.readouterr().err
+    assert main(['explain', str(tmp_path/'nope.pkl'), str(extra), '--out', str(tmp_path/'o4')]) == 2
+    with pytest.raises(SystemExit): main(['explain', '--help'])
+    helptext = capsys.readouterr().out
+    for opt in ('--out', '--method', '--target', '--layer', '--bs', '--alpha', '--cmap'): assert opt in helptext
