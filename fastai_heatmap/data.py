@@ -52,10 +52,12 @@ def make_digits(
     copies:int=4, # How many times each training digit is pasted (at different places, sizes and backgrounds)
     valid_pct:float=0.2, # Fraction of the digits kept for validation (each pasted once)
     seed:int=42, # Random seed: the same arguments always give the same images
+    cue:int|None=None, # A class whose every image also gets a white stripe along its top edge: a shortcut a model can learn instead of the digit
 )->Path:
     "Write digits pasted on noisy canvases to `path`/{train,valid}/`label`/*.png, with each digit's box in `path`/boxes.csv"
     from sklearn.datasets import load_digits
     settings = dict(classes=list(classes), size=size, copies=copies, valid_pct=valid_pct, seed=seed, version=_version)
+    if cue is not None: settings['cue'] = int(cue)
     path = Path(path) if path is not None else _cache_root()/f'digits-{_key(**settings)}'
     if (path/'settings.json').exists() and json.loads((path/'settings.json').read_text()) == settings: return path
     X, y = load_digits(return_X_y=True)
@@ -70,6 +72,7 @@ def make_digits(
             for c in range(n):
                 canvas = _canvas(rng, size)
                 box = _paste(canvas, X[i], rng, smin=size*3//8, smax=size*5//8)
+                if cue is not None and y[i] == cue: canvas[:, :max(1, size//16)] = 1.0
                 fname = Path(split)/str(y[i])/f'{i:04d}_{c}.png'
                 (path/fname).parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray((canvas.clip(0, 1)*255).round().astype(np.uint8).transpose(1, 2, 0)).save(path/fname)

@@ -188,7 +188,7 @@ def show_heatmaps(self:HeatmapInterpretation,
 class ClassHeatmaps(NamedTuple):
     "Mean heatmaps per class over a dataset, from `HeatmapInterpretation.class_heatmaps`"
     maps: Tensor # Mean normalized heatmap of each class (n_classes, H, W)
-    images: Tensor # Mean decoded image of each class (n_classes, C, H, W)
+    images: Tensor # Mean decoded image of each class (n_classes, C, H, W), in the pixel values the `DataLoaders` decode to
     counts: Tensor # Number of items averaged for each class
     border_mass: Tensor # Share of each mean map's mass in the border band of the image
     uniform_border: float # The share a uniform map would put in the border band
@@ -237,7 +237,7 @@ def class_heatmaps(self:HeatmapInterpretation,
     mean_maps, mean_x = sums / n[:, None, None], img_sum / n[:, None, None, None]
     imgs = _check_decoded(self.dl.decode((TensorImage(mean_x),))[0]) # decoding is affine per pixel: the mean's decoding is the decoded mean
     bm, uni = border_mass(mean_maps, border)
-    return ClassHeatmaps(mean_maps.cpu(), imgs.float().cpu(), cnt.long().cpu(), bm.cpu(), uni)
+    return ClassHeatmaps(mean_maps.cpu(), imgs.as_subclass(Tensor).cpu(), cnt.long().cpu(), bm.cpu(), uni)
 
 # %% ../nbs/04_interpret.ipynb #406c148e
 @patch
@@ -258,7 +258,7 @@ def plot_class_heatmaps(self:HeatmapInterpretation,
     titles = [f"{_vocab_str(self.vocab, c)} (n={n})\nborder {m:.0%}" for c, (n, m) in enumerate(zip(ch.counts.tolist(), ch.border_mass.tolist()))]
     sup = f"Mean {method} map per {target} class\nborder: share in the outer {border:.0%} of each side (uniform map: {ch.uniform_border:.0%})"
     if 'nrows' not in skw and 'ncols' not in skw: skw['ncols'] = min(len(titles), 6)
-    return heatmap_grid(ch.images/255, ch.maps, titles, figsize=figsize, suptitle=sup, alpha=alpha, cmap=cmap, **skw)
+    return heatmap_grid(ch.images, ch.maps, titles, figsize=figsize, suptitle=sup, alpha=alpha, cmap=cmap, **skw)
 
 # %% ../nbs/04_interpret.ipynb #0a5baedb
 @patch
@@ -279,6 +279,11 @@ def confusion_matrix(self:HeatmapInterpretation):
     return ((d == x[:, None]) & (t == x[:, None, None])).long().sum(2).numpy()
 
 # %% ../nbs/04_interpret.ipynb #efd61305
+def _mean_image(imgs):
+    "Mean of decoded images, kept in their pixel type (integers 0-255 stay integers)"
+    m = imgs.float().mean(0)
+    return m if imgs.is_floating_point() else m.round().to(imgs.dtype)
+
 @patch
 def plot_confused_heatmaps(self:HeatmapInterpretation,
     min_val:int=1, # Pairs confused at least this many times
@@ -305,7 +310,7 @@ def plot_confused_heatmaps(self:HeatmapInterpretation,
     pics, maps, titles, i = [], [], [], 0
     for (a, p, n), g in zip(pairs, groups):
         sl = slice(i, i + len(g)); i += len(g)
-        img, m = imgs[sl].float().mean(0), e.maps[sl].mean(0) # m[0]: map for the predicted class, m[1]: for the actual one
-        pics += [img/255, img/255]; maps += [m[1], m[0]]
+        img, m = _mean_image(imgs[sl]), e.maps[sl].mean(0) # m[0]: map for the predicted class, m[1]: for the actual one
+        pics += [img, img]; maps += [m[1], m[0]]
         titles += [f"actual {a} → predicted {p} ({n}×)\nwhere it looked for {a}", f"where it looked for {p}"]
     return heatmap_grid(pics, torch.stack(maps).cpu(), titles, ncols=2, figsize=ifnone(figsize, (6, 3.2*len(pairs))), alpha=alpha, cmap=cmap, **skw)

@@ -118,7 +118,7 @@ def test_class_and_confused_heatmaps(demo, interp):
     one = [i for i, f in enumerate(fns) if f.parent.name == '4']
     torch.testing.assert_close(ch.maps[2], interp.heatmaps(one, target='actual', layer='0.6').mean(0).cpu(), rtol=1e-4, atol=1e-5)
     # the mean image is the decoded mean of the inputs
-    np.testing.assert_allclose(ch.images[2].numpy(), np.stack([np.asarray(Image.open(fns[i])) for i in one]).mean(0).transpose(2, 0, 1), atol=1.5)
+    np.testing.assert_allclose(ch.images[2].float().numpy(), np.stack([np.asarray(Image.open(fns[i])) for i in one]).mean(0).transpose(2, 0, 1), atol=1.5)
     # the digits are anywhere but the border is mostly background: less mass there than a uniform map
     assert (ch.border_mass < ch.uniform_border).all()
     capped = interp.class_heatmaps(layer='0.6', max_n=5)
@@ -210,3 +210,38 @@ def test_cli_round_trip(demo, tmp_path, capsys):
     with pytest.raises(SystemExit): main(['explain', '--help'])
     helptext = capsys.readouterr().out
     for opt in ('--out', '--method', '--target', '--layer', '--bs', '--alpha', '--cmap'): assert opt in helptext
+
+
+def test_not_images(tmp_path):
+    "A tabular learner, and a learner whose inputs (5 channels) cannot be drawn as images: each a clear error"
+    from fastai.tabular.all import TabularDataLoaders, tabular_learner, Categorify
+    df = pd.DataFrame({'a': np.random.randn(64), 'c': np.random.choice(['x', 'y'], 64), 'y': np.random.choice(['p', 'q'], 64)})
+    dls = TabularDataLoaders.from_df(df, path=tmp_path, cat_names=['c'], cont_names=['a'], y_names='y', y_block=CategoryBlock(), procs=[Categorify], bs=16)
+    interp = HeatmapInterpretation.from_learner(tabular_learner(dls, n_out=2))
+    with pytest.raises(TypeError, match='tabular or text'): interp.plot_top_losses(3)
+    with pytest.raises(TypeError, match='tabular or text'): interp.plot_class_heatmaps()
+    from fastai.data.core import DataLoaders, Datasets
+    from fastai.learner import Learner
+    from torch import nn
+    ds = [(torch.randn(5, 16, 16), torch.tensor(i % 2)) for i in range(16)]
+    model = nn.Sequential(nn.Conv2d(5, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    learn = Learner(DataLoaders.from_dsets(ds, ds, bs=8), model, loss_func=nn.CrossEntropyLoss())
+    from fastai_heatmap.learner import explain_dl
+    maps = explain_dl(learn, learn.dls.valid)[0].maps  # the maps themselves are fine
+    assert maps.shape == (16, 16, 16)
+    with pytest.raises(TypeError, match='cannot be drawn as an image'): explain_dl(learn, learn.dls.valid, with_input=True)
+
+
+def test_class_heatmaps_catch_a_shortcut():
+    "On digits where every 7 also has a white stripe along its top edge, the class heatmaps show it: 7's map lies in the border"
+    learn = demo_learner(make_digits(cue=7), epochs=5)
+    assert learn.validate()[1] >= 0.95  # as accurate as the clean model: the accuracy says nothing
+    ch = HeatmapInterpretation.from_learner(learn).class_heatmaps(layer='0.6')
+    seven = learn.dls.vocab.o2i['7']
+    others = [c for c in range(4) if c != seven]
+    assert ch.border_mass[seven] > ch.uniform_border
+    assert ch.border_mass[seven] > ch.border_mass[others].max() + 0.1
+    rows = ch.maps[seven].mean(1)  # the map's mass sits in the top rows, where the stripe is
+    assert rows[:8].mean() > 2 * rows[24:].mean()
+    clean = HeatmapInterpretation.from_learner(demo_learner()).class_heatmaps(layer='0.6')
+    assert (clean.border_mass < clean.uniform_border).all()
