@@ -22,7 +22,7 @@ from fastai.vision.data import get_grid
 from fastprogress.fastprogress import progress_bar
 from .core import *
 from .learner import *
-from .learner import _split_kw, _check_decoded
+from .learner import _split_kw, _check_decoded, _vrange
 
 # %% auto #0
 __all__ = ['HeatmapInterpretation', 'ClassHeatmaps', 'border_mass']
@@ -36,8 +36,9 @@ def _is_multilabel(learn):
 _targets_doc = "'pred', 'actual', 'both' or a label of the vocab"
 
 def _target_fn(interp, target):
-    "A function of (preds, labels) giving the classes to explain, and whether the maps must be masked to positive labels"
+    "A function of (preds, labels) giving the classes to explain (`target` itself when it is one), and a mask of positive labels for multi-label maps"
     multi = _is_multilabel(interp.learn)
+    if callable(target): return target, None
     if isinstance(target, str) and target in ('pred', 'actual', 'both'):
         if not multi:
             if target == 'pred':   return (lambda p, y: p.argmax(1)), None
@@ -125,10 +126,8 @@ def plot_top_losses(self:HeatmapInterpretation,
     nrows, ncols = skw.pop('nrows', None), skw.pop('ncols', None)
     multi = _is_multilabel(self.learn)
     if multi and target in ('pred', 'actual'): # the label with the largest loss of each item
-        fn = lambda p, y: F.binary_cross_entropy_with_logits(p, y.float(), reduction='none').argmax(1)
-        e, imgs, ys = explain_dl(self.learn, self.learn.dls.test_dl(self._items(idx.tolist()), with_labels=True), fn,
-                                 method=method, layer=layer, with_input=True, with_labels=True, warn_small=True, **ekw)
-    else: e, imgs, ys = self._explain(idx, target, method=method, layer=layer, with_input=True, warn_small=True, **ekw)
+        target = lambda p, y: F.binary_cross_entropy_with_logits(p, y.float(), reduction='none').argmax(1)
+    e, imgs, ys = self._explain(idx, target, method=method, layer=layer, with_input=True, warn_small=True, **ekw)
     act = self.act or getattr(self.learn.loss_func, 'activation', None) or (lambda o: o.softmax(-1))
     probs, v = act(e.preds).float(), self.vocab
     maps, titles, pics = [], [], []
@@ -151,9 +150,8 @@ def plot_top_losses(self:HeatmapInterpretation,
         pairs = int(np.ceil(np.sqrt(len(idx))))
         ncols, nrows = 2*pairs, int(np.ceil(len(idx)/pairs))
     what = 'Label: predicted/actual/Loss/Probability of the actual value' if multi else 'Prediction/Actual/Loss/Probability of the actual class'
-    rng = (0, 1) if ekw.get('norm', 'image') is not None else (None, None)
     return heatmap_grid(pics, torch.stack(maps).cpu(), titles if show_text else None, nrows=nrows, ncols=ncols, figsize=figsize,
-                        suptitle=what if show_text else None, alpha=alpha, cmap=cmap, vmin=rng[0], vmax=rng[1], **skw)
+                        suptitle=what if show_text else None, alpha=alpha, cmap=cmap, **_vrange(ekw), **skw)
 
 # %% ../nbs/04_interpret.ipynb #66ba8003
 @patch
@@ -181,8 +179,7 @@ def show_heatmaps(self:HeatmapInterpretation,
         for j in cols:
             pics.append(imgs[i]); maps.append(e.maps[i, j] if j is not None else torch.zeros_like(e.maps[i, 0]))
             titles.append(f"map for {_vocab_str(v, e.targets[i, j].item())}" if j is not None else "no positive label")
-    rng = (0, 1) if ekw.get('norm', 'image') is not None else (None, None)
-    return heatmap_grid(pics, torch.stack(maps).cpu(), titles, figsize=figsize, alpha=alpha, cmap=cmap, vmin=rng[0], vmax=rng[1], **skw)
+    return heatmap_grid(pics, torch.stack(maps).cpu(), titles, figsize=figsize, alpha=alpha, cmap=cmap, **_vrange(ekw), **skw)
 
 # %% ../nbs/04_interpret.ipynb #47086b6d
 class ClassHeatmaps(NamedTuple):

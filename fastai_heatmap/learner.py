@@ -14,7 +14,6 @@ from torch import nn, Tensor
 from PIL import Image
 from fastcore.basics import patch, ifnone
 from fastcore.xtras import is_listy
-from fastcore.meta import delegates
 from fastai.learner import Learner
 from fastai.vision.core import PILImage
 from fastai.callback.fp16 import AMPMode
@@ -51,14 +50,18 @@ def check_vision_learner(learn:Learner):
         raise TypeError(f"Heatmaps explain vision learners (a CNN over images), but this Learner's model {what}: it looks like a tabular or text model, "
                         "which has no spatial map to show.")
 
+def _vocab(learn):
+    "The learner's class labels (the targets' vocab when the `DataLoaders` have one per block)"
+    v = getattr(learn.dls, 'vocab', None)
+    return v[-1] if is_listy(v) and len(v) and is_listy(v[0]) else v
+
 def label_targets(learn:Learner, targets, n:int):
     "`targets` for `n` items as class indices: None, an int or label for all, one per item, or a list of several per item; labels are looked up in `learn.dls.vocab`"
     if targets is None: return None
     if isinstance(targets, Tensor): targets = targets.tolist()
     ts = list(targets) if is_listy(targets) or isinstance(targets, np.ndarray) else [targets]*n
     if len(ts) != n: raise ValueError(f"Got {len(ts)} targets for {n} items: pass one target for all, or one per item.")
-    vocab = getattr(learn.dls, 'vocab', None)
-    if is_listy(vocab) and len(vocab) and is_listy(vocab[0]): vocab = vocab[-1] # (inputs' vocab, targets' vocab)
+    vocab = _vocab(learn)
     def _idx(t):
         if is_listy(t) or isinstance(t, np.ndarray): return [_idx(o) for o in t] # several classes for one item
         if not isinstance(t, str): return int(t)
@@ -157,9 +160,9 @@ _engine_kw = ('upsample', 'norm', 'relu', 'bs')
 def _split_kw(kwargs):
     return {k:v for k,v in kwargs.items() if k in _engine_kw}, {k:v for k,v in kwargs.items() if k not in _engine_kw}
 
-def _vocab(learn):
-    v = getattr(learn.dls, 'vocab', None)
-    return v[-1] if is_listy(v) and len(v) and is_listy(v[0]) else v
+def _vrange(ekw):
+    "Normalized maps are drawn on one fixed scale, 0 to 1; raw ones on their own range"
+    return dict(vmin=0, vmax=1) if ekw.get('norm', 'image') is not None else dict(vmin=None, vmax=None)
 
 def _cam_titles(learn, e):
     "'label (probability)' of each prediction, and the class explained when it is not the prediction"
@@ -185,9 +188,7 @@ def show_cam(self:Learner,
     "Draw `item` (decoded) with its heatmap over it, titled with the prediction and its probability; returns the axes"
     ekw, skw = _split_kw(kwargs)
     e, imgs = self.explain([item], None if target is None else [target], method=method, layer=layer, with_input=True, warn_small=True, **ekw)
-    rng = (0, 1) if ekw.get('norm', 'image') is not None else (None, None)
-    return show_heatmap(imgs[0], e.maps[0], ax=ax, alpha=alpha, cmap=cmap, figsize=figsize, title=_cam_titles(self, e)[0],
-                        vmin=rng[0], vmax=rng[1], **skw)
+    return show_heatmap(imgs[0], e.maps[0], ax=ax, alpha=alpha, cmap=cmap, figsize=figsize, title=_cam_titles(self, e)[0], **_vrange(ekw), **skw)
 
 # %% ../nbs/03_learner.ipynb #36f658e1
 @patch
@@ -205,6 +206,5 @@ def show_cams(self:Learner,
     "`show_cam` for many items in one batched pass, as a grid; returns the figure"
     ekw, skw = _split_kw(kwargs)
     e, imgs = self.explain(items, targets, method=method, layer=layer, with_input=True, warn_small=True, **ekw)
-    rng = (0, 1) if ekw.get('norm', 'image') is not None else (None, None)
     return heatmap_grid(imgs, e.maps.cpu(), _cam_titles(self, e), nrows=nrows, ncols=ncols, figsize=figsize,
-                        alpha=alpha, cmap=cmap, vmin=rng[0], vmax=rng[1], **skw)
+                        alpha=alpha, cmap=cmap, **_vrange(ekw), **skw)
