@@ -306,5 +306,4 @@ def heatmap_grid(
     "Draw each image with its heatmap over it in a grid; returns the figure"
     fig, axs = get_grid(len(maps), nrows=nrows, ncols=ncols, figsize=figsize, title=suptitle, return_fig=True)
     for ax, img, hm, title in zip(axs, imgs, maps, titles or [None]*len(maps)): show_heatmap(img, hm, ax=ax, title=title, **kwargs)
-    if suptitle: fig.tight_layout() # room for the figure's title above the cells' titles
     return fig

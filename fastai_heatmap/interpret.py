@@ -255,7 +255,9 @@ def plot_class_heatmaps(self:HeatmapInterpretation,
     titles = [f"{_vocab_str(self.vocab, c)} (n={n})\nborder {m:.0%}" for c, (n, m) in enumerate(zip(ch.counts.tolist(), ch.border_mass.tolist()))]
     sup = f"Mean {method} map per {target} class\nborder: share in the outer {border:.0%} of each side (uniform map: {ch.uniform_border:.0%})"
     if 'nrows' not in skw and 'ncols' not in skw: skw['ncols'] = min(len(titles), 6)
-    return heatmap_grid(ch.images, ch.maps, titles, figsize=figsize, suptitle=sup, alpha=alpha, cmap=cmap, **skw)
+    fig = heatmap_grid(ch.images, ch.maps, titles, figsize=figsize, suptitle=sup, alpha=alpha, cmap=cmap, **skw)
+    fig.tight_layout() # room for the two-line title above the cells' titles
+    return fig
 
 # %% ../nbs/04_interpret.ipynb #0a5baedb
 @patch
