@@ -123,9 +123,9 @@ def demo(
     interp = HeatmapInterpretation.from_learner(learn)
     files += [_save(interp.plot_top_losses(9, layer='0.6'), out/'top_losses.png'),
               _save(interp.plot_top_losses(6, target='both', layer='0.6'), out/'top_losses_both.png'),
-              _save(interp.plot_class_heatmaps(layer='0.6'), out/'class_heatmaps.png'),
               _save(interp.plot_confused_heatmaps(layer='0.6'), out/'confused_heatmaps.png')]
-    ch = interp.class_heatmaps(layer='0.6')
+    ch = interp.class_heatmaps(layer='0.6') # one pass over the validation set, for the picture and the numbers
+    files.insert(-1, _save(ch.show(), out/'class_heatmaps.png'))
     res = dict(trained=trained, seconds=round(t_train, 1), accuracy=round(acc, 4), pointing_game=round(pg, 4), files=[str(f) for f in files])
     print(f"{'Trained' if trained else 'Loaded cached weights'} in {t_train:.0f} s: validation accuracy {acc:.3f}.")
     print(f"Pointing game at layer '0.6' (4×4): the Grad-CAM peak is on the digit for {pg:.1%} of the {int(ok.sum())} correctly classified validation images.")

@@ -189,6 +189,25 @@ class ClassHeatmaps(NamedTuple):
     counts: Tensor # Number of items averaged for each class
     border_mass: Tensor # Share of each mean map's mass in the border band of the image
     uniform_border: float # The share a uniform map would put in the border band
+    labels: list # The class labels
+    method: str # The method the maps come from
+    target: str # Whether items were grouped by their 'actual' or 'pred'icted class
+    border: float # Width of the border band, as a fraction of each side
+
+    def show(self,
+        alpha:float=0.6, # Opacity of the heatmaps
+        cmap:str='magma', # Matplotlib colour map
+        figsize:tuple|None=None, # Size of the figure
+        **kwargs, # `nrows`, `ncols`; the rest to `show_heatmap`
+    ):
+        "Each class's mean map over its mean image, titled with its share in the border band; returns the figure"
+        titles = [f"{l} (n={n})\nborder {m:.0%}" for l, n, m in zip(self.labels, self.counts.tolist(), self.border_mass.tolist())]
+        sup = (f"Mean {self.method} map per {self.target} class\n"
+               f"border: share in the outer {self.border:.0%} of each side (uniform map: {self.uniform_border:.0%})")
+        if 'nrows' not in kwargs and 'ncols' not in kwargs: kwargs['ncols'] = min(len(titles), 6)
+        fig = heatmap_grid(self.images, self.maps, titles, figsize=figsize, suptitle=sup, alpha=alpha, cmap=cmap, **kwargs)
+        fig.tight_layout() # room for the two-line title above the cells' titles
+        return fig
 
 # %% ../nbs/04_interpret.ipynb #5408feb5
 def border_mass(maps:Tensor, border:float=0.125)->tuple:
@@ -234,7 +253,8 @@ def class_heatmaps(self:HeatmapInterpretation,
     mean_maps, mean_x = sums / n[:, None, None], img_sum / n[:, None, None, None]
     imgs = _check_decoded(self.dl.decode((TensorImage(mean_x),))[0]) # decoding is affine per pixel: the mean's decoding is the decoded mean
     bm, uni = border_mass(mean_maps, border)
-    return ClassHeatmaps(mean_maps.cpu(), imgs.as_subclass(Tensor).cpu(), cnt.long().cpu(), bm.cpu(), uni)
+    return ClassHeatmaps(mean_maps.cpu(), imgs.as_subclass(Tensor).cpu(), cnt.long().cpu(), bm.cpu(), uni,
+                         [_vocab_str(self.vocab, c) for c in range(n_cls)], method, target, border)
 
 # %% ../nbs/04_interpret.ipynb #406c148e
 @patch
@@ -252,12 +272,7 @@ def plot_class_heatmaps(self:HeatmapInterpretation,
     "The mean heatmap of each class over its mean image, with the share of the map in the image's border band; returns the figure"
     ekw, skw = _split_kw(kwargs)
     ch = self.class_heatmaps(method=method, target=target, max_n=max_n, layer=layer, border=border, **ekw)
-    titles = [f"{_vocab_str(self.vocab, c)} (n={n})\nborder {m:.0%}" for c, (n, m) in enumerate(zip(ch.counts.tolist(), ch.border_mass.tolist()))]
-    sup = f"Mean {method} map per {target} class\nborder: share in the outer {border:.0%} of each side (uniform map: {ch.uniform_border:.0%})"
-    if 'nrows' not in skw and 'ncols' not in skw: skw['ncols'] = min(len(titles), 6)
-    fig = heatmap_grid(ch.images, ch.maps, titles, figsize=figsize, suptitle=sup, alpha=alpha, cmap=cmap, **skw)
-    fig.tight_layout() # room for the two-line title above the cells' titles
-    return fig
+    return ch.show(alpha=alpha, cmap=cmap, figsize=figsize, **skw)
 
 # %% ../nbs/04_interpret.ipynb #0a5baedb
 @patch
