@@ -8,10 +8,14 @@ Docs: https://fastai-heatmap.github.io/fastai_heatmap/all.html.md"""
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #6de90e64
-from . import hooks, data, core, learner, interpret
+from . import hooks, data, core, cam, gradients, perturbation, draw, learner, interpret
 from .hooks import *
 from .data import *
 from .core import *
+from .cam import *
+from .gradients import *
+from .perturbation import *
+from .draw import *
 from .learner import *
 from .interpret import *
-__all__ = hooks.__all__ + data.__all__ + core.__all__ + learner.__all__ + interpret.__all__
+__all__ = hooks.__all__ + data.__all__ + core.__all__ + cam.__all__ + gradients.__all__ + perturbation.__all__ + draw.__all__ + learner.__all__ + interpret.__all__

@@ -1,4 +1,4 @@
-"""`fastai-heatmap explain` for exported learners, and `fastai-heatmap demo`: the library in one command
+"""`fastai-heatmap explain` for exported learners, `fastai-heatmap layers` to pick a layer, and `fastai-heatmap demo`: the library in one command
 
 Docs: https://fastai-heatmap.github.io/fastai_heatmap/cli.html.md"""
 
@@ -6,7 +6,7 @@ Docs: https://fastai-heatmap.github.io/fastai_heatmap/cli.html.md"""
 
 # %% ../nbs/05_cli.ipynb #2c919308
 from __future__ import annotations
-import argparse, sys, time, warnings
+import argparse, contextlib, re, sys, time, warnings
 from pathlib import Path
 from PIL import Image
 import matplotlib
@@ -16,34 +16,23 @@ import numpy as np, pandas as pd
 from fastprogress.fastprogress import progress_bar
 from fastai.learner import load_learner
 from fastai.data.transforms import get_image_files
+from .core import *
+from .draw import *
 from .data import make_digits, demo_learner, get_boxes, pointing_game
 from .learner import *
-from .learner import _vocab
-from .interpret import HeatmapInterpretation, _is_multilabel
+from .interpret import HeatmapInterpretation
 
 # %% auto #0
-__all__ = ['overlay', 'image_files', 'explain_files', 'demo', 'main']
-
-# %% ../nbs/05_cli.ipynb #356385ee
-def overlay(
-    imgs:torch.Tensor, # Decoded images (B, C, H, W), pixel values 0 to 255
-    maps:torch.Tensor, # Heatmaps (B, H, W) in [0, 1]
-    alpha:float=0.6, # Opacity of the heatmaps
-    cmap:str='magma', # Matplotlib colour map
-)->torch.Tensor:
-    "The images with their heatmaps blended over them, as `show_heatmap` draws them, as (B, H, W, 3) uint8 pixels"
-    lut = torch.tensor(matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3], dtype=torch.float32, device=maps.device)
-    col = lut[(maps.clamp(0, 1)*255).round().long()]
-    img = imgs.float().to(maps.device).permute(0, 2, 3, 1)[..., :3] / 255
-    if img.shape[-1] == 1: img = img.expand(-1, -1, -1, 3)
-    return ((1-alpha)*img + alpha*col).mul(255).round().clamp(0, 255).byte()
+__all__ = ['image_files', 'explain_files', 'layer_table', 'demo', 'cli_message', 'UsageError', 'main']
 
 # %% ../nbs/05_cli.ipynb #69fd9066
 def image_files(paths:list)->list:
-    "The image files among `paths`: files as given, folders searched (recursively) with fastai's `get_image_files`"
+    "The image files among `paths`, sorted: files as given, folders searched (recursively) with fastai's `get_image_files`"
     res = []
-    for p in map(Path, paths): res += list(get_image_files(p)) if p.is_dir() else [p]
-    return res
+    for p in map(Path, paths):
+        if not p.exists(): raise FileNotFoundError(f"No such file or folder: '{p}'.")
+        res += list(get_image_files(p)) if p.is_dir() else [p]
+    return sorted(res)
 
 def _png_name(f, used):
     "A unique PNG name for the heatmap of image file `f`"
@@ -52,44 +41,71 @@ def _png_name(f, used):
     used.add(name)
     return name
 
+def _rows(learn, files, e, probs):
+    "The predictions.csv rows of `files`, explained by `e`"
+    multi = is_multilabel(learn) and e.preds.shape[1] > 1
+    rows = []
+    for f, z, p, t, neg in zip(files, e.preds, probs, e.targets.tolist(), e.negative.tolist()):
+        if multi: pred, prob = ';'.join(label_of(learn, i) for i in torch.where(p > thresh_of(learn))[0].tolist()), p.max()
+        elif len(p) == 1: pred, prob = label_of(learn, 0, bool(z[0] < 0)), (p[0] if z[0] >= 0 else 1 - p[0])
+        else: pred, prob = label_of(learn, p.argmax().item()), p.max()
+        rows.append(dict(file=str(f), predicted=pred, probability=round(float(prob), 4), explained=label_of(learn, t, neg)))
+    return rows
+
 # %% ../nbs/05_cli.ipynb #c847a9e9
 def explain_files(
     learn, # A vision learner (for example from `load_learner`)
     files:list, # Image files
     out:str|Path, # Folder for the heatmap PNGs and predictions.csv
-    method:str='gradcam', # 'gradcam' or 'cam'
+    method:str='gradcam', # A method's name (`list_methods()`)
     target:str='pred', # 'pred' for each image's prediction, or a label to explain in every image
-    layer=None, # Dotted name of the layer; None for the body of a fastai model
+    layer=None, # Dotted name of the layer, for methods at a layer; None for `default_layer`
     bs:int=64, # Images per batch
     alpha:float=0.6, # Opacity of the heatmaps
     cmap:str='magma', # Matplotlib colour map
+    bar:bool=True, # Show a progress bar
 )->tuple:
-    "Write one heatmap PNG per image and predictions.csv to `out`, batch by batch; returns (the rows written, the files that failed with why)"
+    "Write one heatmap PNG per image and predictions.csv (sorted by path) to `out`, batch by batch; returns (the rows written, the files that failed with why)"
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     targets = None if target == 'pred' else label_targets(learn, target, 1)[0].item() # an unknown label fails here, before any work
-    vocab, multi = _vocab(learn), _is_multilabel(learn)
-    act = getattr(learn.loss_func, 'activation', None) or (lambda o: o.softmax(-1))
-    thresh = getattr(learn.loss_func, 'thresh', 0.5)
+    files = sorted(files)
     rows, failed, used = [], [], set()
-    for start in progress_bar(range(0, len(files), bs), leave=False):
+    for start in (progress_bar if bar else list)(range(0, len(files), bs)):
         good, items = [], []
         for f in files[start:start+bs]:
-            try: items.append(load_item(f)); good.append(f)
-            except (OSError, ValueError) as e:
-                failed.append((str(f), str(e)))
-                print(f"skipped {f}: {e}", file=sys.stderr)
-        if not items: continue
-        e, imgs = learn.explain(items, targets, method=method, layer=layer, with_input=True, bs=bs)
-        probs = act(e.preds).float()
-        px = overlay(imgs, e.maps, alpha=alpha, cmap=cmap).cpu().numpy()
-        for f, p, t, pix in zip(good, probs, e.targets.tolist(), px):
-            name = _png_name(f, used)
-            Image.fromarray(pix).save(out/name)
-            lbl = (lambda i: str(vocab[i])) if vocab is not None else str
-            pred = ';'.join(lbl(i) for i in torch.where(p > thresh)[0].tolist()) if multi else lbl(p.argmax().item())
-            rows.append(dict(file=str(f), predicted=pred, probability=round(p.max().item(), 4), explained=lbl(t), heatmap=name))
+            try: items.append(image_type(learn).create(load_item(f, learn))); good.append(f) # read now, so that a corrupt file is skipped alone
+            except Exception as e: failed.append((str(f), str(e) if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: {e}"))
+        for ix in size_groups(learn, items).values():
+            e, imgs = learn.explain([items[i] for i in ix], targets, method=method, layer=layer, with_input=True, bs=bs)
+            px = overlay(imgs, e.maps, alpha=alpha, cmap=cmap).cpu().numpy()
+            fs = [good[i] for i in ix]
+            for r, pix in zip(_rows(learn, fs, e, probs_of(learn, e.preds)), px):
+                r['heatmap'] = _png_name(r['file'], used)
+                Image.fromarray(pix).save(out/r['heatmap'])
+                rows.append(r)
+    rows.sort(key=lambda r: r['file'])
     pd.DataFrame(rows, columns=['file', 'predicted', 'probability', 'explained', 'heatmap']).to_csv(out/'predictions.csv', index=False)
     return rows, failed
+
+# %% ../nbs/05_cli.ipynb #7e6d5c4b
+def layer_table(
+    learn, # A vision learner
+    size:tuple|None=None, # The (height, width) of the images to explain; None: the size the learner's transforms give every image, else its first validation image's, else 224×224
+)->pd.DataFrame:
+    "The layers whose output is a spatial map, their output shapes for images of `size`, and which one is explained by default"
+    check_vision_learner(learn)
+    model = unwrap_model(learn.model)
+    if size is None: # what the transforms make of any image; else of the learner's first image; else 224×224
+        g = size_groups(learn, [load_item(Image.new('RGB', s), learn) for s in ((224, 224), (131, 97))])
+        ds = getattr(learn.dls, 'valid_ds', None)
+        if len(g) > 1 and ds is not None and len(ds): g = size_groups(learn, [load_item(ds[0][0], learn)])
+        size = next(iter(g))
+    p = next(model.parameters())
+    c = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+    xb = torch.zeros(1, c, *size, device=p.device, dtype=p.dtype)
+    default = default_layer(model, xb)
+    rows = [dict(layer=n, channels=s[1], height=s[2], width=s[3], default=n == default) for n, s in dict(layer_shapes(model, xb)).items() if s is not None and len(s) == 4 and n]
+    return pd.DataFrame(rows)
 
 # %% ../nbs/05_cli.ipynb #5b98fe52
 def _save(fig, fn):
@@ -111,32 +127,43 @@ def demo(
     t_train, trained = time.time() - t0, bool(vars(learn.recorder).get('values')) # no values: the weights came from the cache
     acc = float(learn.validate()[1])
     fns = learn.dls.valid_ds.items
-    e = learn.explain(fns, layer='0.6', upsample=False)
+    e = learn.explain(fns, upsample=False)
     targs = torch.tensor([learn.dls.vocab.o2i[f.parent.name] for f in fns], device=e.preds.device)
     ok = e.preds.argmax(1) == targs
     hit = pointing_game(e.maps, get_boxes(path, fns), img_size=(64, 64))
     pg = float(hit[ok].float().mean())
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore', UserWarning) # the body's 2×2 maps are shown on purpose, beside layer '0.6'
-        files = [_save(learn.show_cams(fns[::9][:16], layer='0.6', nrows=2), out/'cams.png'),
-                 _save(learn.show_cams(fns[::9][:16], nrows=2), out/'cams_body.png')]
+        warnings.simplefilter('ignore', UserWarning) # the body's 2×2 maps are shown on purpose, beside the default layer's
+        files = [_save(learn.show_cams(fns[::9][:16], nrows=2), out/'cams.png'),
+                 _save(learn.show_cams(fns[::9][:16], layer='0', nrows=2), out/'cams_body.png')]
     interp = HeatmapInterpretation.from_learner(learn)
-    files += [_save(interp.plot_top_losses(9, layer='0.6'), out/'top_losses.png'),
-              _save(interp.plot_top_losses(6, target='both', layer='0.6'), out/'top_losses_both.png'),
-              _save(interp.plot_confused_heatmaps(layer='0.6'), out/'confused_heatmaps.png')]
-    ch = interp.class_heatmaps(layer='0.6') # one pass over the validation set, for the picture and the numbers
-    files.insert(-1, _save(ch.show(), out/'class_heatmaps.png'))
+    files += [_save(interp.plot_top_losses(9), out/'top_losses.png'),
+              _save(interp.plot_top_losses(6, target='both'), out/'top_losses_both.png')]
+    ch = interp.class_heatmaps() # one pass over the validation set, for the picture and the numbers
+    files += [_save(ch.show(), out/'class_heatmaps.png'), _save(interp.plot_confused_heatmaps(), out/'confused_heatmaps.png')]
     res = dict(trained=trained, seconds=round(t_train, 1), accuracy=round(acc, 4), pointing_game=round(pg, 4), files=[str(f) for f in files])
     print(f"{'Trained' if trained else 'Loaded cached weights'} in {t_train:.0f} s: validation accuracy {acc:.3f}.")
-    print(f"Pointing game at layer '0.6' (4×4): the Grad-CAM peak is on the digit for {pg:.1%} of the {int(ok.sum())} correctly classified validation images.")
+    print(f"Pointing game at layer {e.layer!r} ({e.layer_size[0]}×{e.layer_size[1]}): the Grad-CAM peak is on the digit for {pg:.1%} of the {int(ok.sum())} correctly classified validation images.")
     print("Share of each class's mean map in the image's border band (a uniform map: "
           f"{ch.uniform_border:.0%}): " + ", ".join(f"{v} {m:.0%}" for v, m in zip(learn.dls.vocab, ch.border_mass.tolist())))
     print("Wrote:\n" + "\n".join(f"  {f}" for f in files))
     return res
 
 # %% ../nbs/05_cli.ipynb #08898035
+_flags = {'method': 'method', 'layer': 'layer', 'target': 'target', 'targets': 'target', 'bs': 'bs'}
+
+def cli_message(msg:str)->str:
+    "A library error message in the command line's words: `method='x'` becomes `--method x`, Python helpers become commands"
+    msg = re.sub(r"\b(" + '|'.join(_flags) + r")=('([^']*)'|([\w.\-]+))", lambda m: f"--{_flags[m.group(1)]} {m.group(3) if m.group(3) is not None else m.group(4)}", msg)
+    msg = msg.replace("`dict(model.named_modules())` lists the names; `layer_shapes(model, xb)` shows each one's output shape.",
+                      "`fastai-heatmap layers MODEL.pkl` lists them.")
+    msg = msg.replace("`layer_shapes(model, xb)` lists every layer's output shape.", "`fastai-heatmap layers MODEL.pkl` lists every layer's map size.")
+    msg = msg.replace("(`list_methods()` describes them)", "(see `fastai-heatmap explain --help`)")
+    return msg
+
+# %% ../nbs/05_cli.ipynb #3b4c5d6e
 def _parser():
-    p = argparse.ArgumentParser(prog='fastai-heatmap', description="Heatmaps (Grad-CAM, CAM) for fastai vision learners.")
+    p = argparse.ArgumentParser(prog='fastai-heatmap', description="Heatmaps (Grad-CAM and every other method of `list_methods()`) for fastai vision learners.")
     sub = p.add_subparsers(dest='command', required=True)
     d = sub.add_parser('demo', help="Fine-tune a CNN on the embedded digits dataset and write its heatmaps",
                        description="Builds the embedded digits dataset offline, fine-tunes a vision_learner (pretrained=False) on it, "
@@ -145,41 +172,86 @@ def _parser():
     d.add_argument('--epochs', type=int, default=10, help="Epochs of training (default: 10)")
     d.add_argument('--cached', action='store_true', help="Reuse weights trained earlier with the same settings instead of training")
     x = sub.add_parser('explain', help="Write heatmaps of image files with a learner saved by learn.export()",
-                       description="Loads a learner saved with learn.export(), and writes for each image the image with its heatmap over it "
-                                   "(a PNG named after the image) and predictions.csv (file, predicted label, probability, explained class, "
-                                   "heatmap file). Unreadable files are reported and skipped; the exit status is 1 if any file failed.")
+                       description="Loads a learner saved with learn.export() (a pickle: load only files you trust), and writes for each image the image "
+                                   "with its heatmap over it (a PNG named after the image) and predictions.csv (file, predicted label, probability, "
+                                   "explained class, heatmap file), sorted by path. Unreadable files are reported and skipped; the exit status is 1 "
+                                   "if any file failed, 2 on bad usage.")
     x.add_argument('model', help="A learner saved with learn.export() (.pkl)")
     x.add_argument('paths', nargs='+', metavar='PATH', help="Image files, or folders searched recursively for images")
     x.add_argument('--out', required=True, help="Folder for the heatmap PNGs and predictions.csv")
-    x.add_argument('--method', default='gradcam', choices=['gradcam', 'cam'], help="Heatmap method (default: gradcam)")
+    x.add_argument('--method', default='gradcam', help=f"Heatmap method (default: gradcam), one of: {', '.join(method_names())}")
     x.add_argument('--target', default='pred', help="'pred' to explain each image's prediction (default), or a label to explain in every image")
-    x.add_argument('--layer', default=None, help="Dotted name of the layer to explain (default: the body of a fastai model, e.g. '0'; '0.6' is finer)")
+    x.add_argument('--layer', default=None, help="Dotted name of the layer to explain, for methods at a layer (default: the last layer whose maps are at least 4×4; "
+                                                 "`fastai-heatmap layers MODEL.pkl` lists them)")
     x.add_argument('--bs', type=int, default=64, help="Images per batch (default: 64)")
-    x.add_argument('--alpha', type=float, default=0.6, help="Opacity of the heatmaps (default: 0.6)")
+    x.add_argument('--alpha', type=float, default=0.6, help="Opacity of the heatmaps, 0 to 1 (default: 0.6)")
     x.add_argument('--cmap', default='magma', help="Matplotlib colour map (default: magma)")
+    l = sub.add_parser('layers', help="List the layers of an exported learner that --layer can explain",
+                       description="Lists the layers whose output is a spatial map, with their sizes for the learner's image size, and marks the default.")
+    l.add_argument('model', help="A learner saved with learn.export() (.pkl)")
+    l.add_argument('--size', type=int, nargs=2, metavar=('HEIGHT', 'WIDTH'), default=None, help="Image size (default: what the learner's transforms make of a 224×224 image)")
     return p
 
+class UsageError(Exception): "Bad usage of the command line: reported in one line, exit status 2"
+
+def _check_explain_args(args):
+    "Everything about the arguments that can be checked before the model is loaded"
+    try: get_method(args.method)
+    except ValueError as e: raise UsageError(f"--method: {cli_message(str(e))}") from None
+    if args.bs < 1: raise UsageError(f"--bs is the number of images per batch, 1 or more; got {args.bs}.")
+    if not 0 <= args.alpha <= 1: raise UsageError(f"--alpha is the heatmaps' opacity, from 0 to 1; got {args.alpha}.")
+    if args.cmap not in matplotlib.colormaps: raise UsageError(f"--cmap: unknown colour map {args.cmap!r}; use one of matplotlib's, such as magma, viridis, jet or gray.")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir(): raise UsageError(f"--out '{out}' is a file: name a folder (it is created if needed).")
+    try: out.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise UsageError(f"--out '{out}' cannot be created ({e.strerror or e}).") from None
+    try: files = image_files(args.paths)
+    except FileNotFoundError as e: raise UsageError(str(e)) from None
+    if not files: raise UsageError("No image files found in " + ", ".join(args.paths) + ".")
+    return files
+
+def _load(model):
+    model = Path(model)
+    if not model.is_file(): raise UsageError(f"No such model file: '{model}'. Save one with learn.export().")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore') # the pickle warning, on every run: the file was named by the user
+            return load_learner(model, cpu=not torch.cuda.is_available())
+    except Exception as e: raise UsageError(f"Could not load '{model}' as an exported learner ({type(e).__name__}: {e}).") from None
+
+def _bars():
+    "Progress bars on stderr when it is a terminal; none otherwise"
+    return contextlib.redirect_stdout(sys.stderr) if sys.stderr.isatty() else contextlib.nullcontext()
+
 def _explain_cmd(args):
-    model = Path(args.model)
-    if not model.is_file(): return _fail(f"No such model file: '{model}'. Save one with learn.export().")
-    try: learn = load_learner(model, cpu=not torch.cuda.is_available())
-    except Exception as e: return _fail(f"Could not load '{model}' as an exported learner ({type(e).__name__}: {e}).")
-    files = image_files(args.paths)
-    if not files: return _fail("No image files found in " + ", ".join(args.paths))
-    try: rows, failed = explain_files(learn, files, args.out, method=args.method, target=args.target, layer=args.layer,
-                                      bs=args.bs, alpha=args.alpha, cmap=args.cmap)
-    except (ValueError, TypeError, IndexError) as e: return _fail(str(e))
+    files = _check_explain_args(args)
+    learn = _load(args.model)
+    try:
+        with _bars(), (contextlib.nullcontext() if sys.stderr.isatty() else learn.no_bar()):
+            rows, failed = explain_files(learn, files, args.out, method=args.method, target=args.target, layer=args.layer,
+                                         bs=args.bs, alpha=args.alpha, cmap=args.cmap, bar=sys.stderr.isatty())
+    except (ValueError, TypeError, IndexError) as e: raise UsageError(cli_message(str(e))) from None
+    for f, why in failed: print(f"skipped {f}: {why}", file=sys.stderr)
     print(f"Wrote {len(rows)} heatmaps and predictions.csv to {args.out}" + (f"; {len(failed)} file(s) failed" if failed else ""))
     return 1 if failed else 0
 
-def _fail(msg):
-    print(f"fastai-heatmap: error: {msg}", file=sys.stderr)
-    return 2
+def _layers_cmd(args):
+    learn = _load(args.model)
+    try: t = layer_table(learn, tuple(args.size) if args.size else None)
+    except (ValueError, TypeError) as e: raise UsageError(cli_message(str(e))) from None
+    print(t.to_string(index=False))
+    return 0
 
 def main(argv:list|None=None):
     "Entry point of the `fastai-heatmap` command"
+    warnings.filterwarnings('ignore', category=FutureWarning) # torch's notices about fastai's internals, on every run
     args = _parser().parse_args(argv)
-    if args.command == 'demo':
-        demo(args.out, epochs=args.epochs, retrain=not args.cached)
-        return 0
-    if args.command == 'explain': return _explain_cmd(args)
+    try:
+        if args.command == 'demo':
+            demo(args.out, epochs=args.epochs, retrain=not args.cached)
+            return 0
+        if args.command == 'explain': return _explain_cmd(args)
+        if args.command == 'layers': return _layers_cmd(args)
+    except UsageError as e:
+        print(f"fastai-heatmap: error: {e}", file=sys.stderr)
+        return 2

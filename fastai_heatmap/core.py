@@ -1,4 +1,4 @@
-"""`heatmap(model, xb)`: Grad-CAM and CAM for a batch, on the model's device, leaving the model exactly as it was
+"""`heatmap(model, xb, method=...)`: every method, for a batch, on the model's device, leaving the model exactly as it was
 
 Docs: https://fastai-heatmap.github.io/fastai_heatmap/core.html.md"""
 
@@ -6,22 +6,23 @@ Docs: https://fastai-heatmap.github.io/fastai_heatmap/core.html.md"""
 
 # %% ../nbs/02_core.ipynb #09b085ff
 from __future__ import annotations
-import difflib
-from contextlib import contextmanager
+import difflib, importlib, inspect, re, warnings, weakref
+from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
-import numpy as np, torch
+import numpy as np, pandas as pd, torch
 import torch.nn.functional as F
 from torch import nn, Tensor
+from fastcore.basics import store_attr
 from fastai.callback.hook import Hooks
 from fastai.layers import AdaptiveConcatPool2d
-from fastai.torch_core import show_image, to_np
-from fastai.vision.data import get_grid
+from fastprogress.fastprogress import progress_bar
 from .hooks import *
 
 # %% auto #0
-__all__ = ['eval_mode', 'layer_shapes', 'default_layer', 'suggest_layer', 'resolve_layer', 'normalize_maps', 'CAMMethod',
-           'register_method', 'get_method', 'GradCAM', 'CAM', 'Explanation', 'explain', 'heatmap', 'show_heatmap',
-           'heatmap_grid']
+__all__ = ['eval_mode', 'unwrap_model', 'layer_shapes', 'default_layer', 'resolve_layer', 'resolve_targets', 'normalize_maps',
+           'Method', 'Context', 'ReplaceOutput', 'LayerMethod', 'reduce_channels', 'InputGradientMethod',
+           'PerturbationMethod', 'register_method', 'method_names', 'get_method', 'list_methods', 'Explanation',
+           'explain', 'heatmap']
 
 # %% ../nbs/02_core.ipynb #5d004740
 @contextmanager
@@ -31,6 +32,13 @@ def eval_mode(model:nn.Module):
     try: yield model.eval()
     finally:
         for m, t in flags: m.training = t
+
+def unwrap_model(model:nn.Module)->nn.Module:
+    "The module that does the work: the original of a `torch.compile`d model, the `module` of a `DataParallel` or `DistributedDataParallel` wrapper"
+    while True:
+        if isinstance(getattr(model, '_orig_mod', None), nn.Module): model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)): model = model.module
+        else: return model
 
 # %% ../nbs/02_core.ipynb #bee9d872
 _pools = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, AdaptiveConcatPool2d)
@@ -45,42 +53,55 @@ def layer_shapes(
     xb:Tensor, # A batch (only its first item is used)
 )->list:
     "(name, output shape) of every module of `model`, in the order their forward passes finish, from one forward of `xb[:1]`"
+    model = unwrap_model(model)
     names = {m: n for n, m in model.named_modules()}
     rec = []
     def _rec(m, i, o): rec.append((names[m], tuple(o.shape) if isinstance(o, Tensor) else None))
     with eval_mode(model), Hooks(list(names), _rec), torch.no_grad(): model(xb[:1])
     return rec
 
-def _is_map(shape, min_size=2):
-    return shape is not None and len(shape) == 4 and max(shape[-2:]) >= min_size
+def _is_map(shape): return shape is not None and len(shape) == 4
 
-def default_layer(model:nn.Module, xb:Tensor)->str:
-    "Name of the layer explained by default: a fastai vision model's body `'0'`, else the last module with a spatial output"
-    if _is_fastai_vision(model): return '0'
-    for n, s in reversed(layer_shapes(model, xb)):
-        if _is_map(s): return n
-    raise ValueError("No module of this model outputs a spatial (B, C, H, W) feature map larger than 1×1, so there is nothing to draw a heatmap from. "
-                     "Heatmaps need a convolutional model; if yours is one, check the input size or pass `layer=` explicitly.")
+_defaults = weakref.WeakKeyDictionary()
 
-def suggest_layer(model:nn.Module, xb:Tensor, min_size:int=4)->str|None:
-    "Name of the last layer whose map is at least `min_size`×`min_size` for inputs like `xb`, if any"
-    for n, s in reversed(layer_shapes(model, xb)):
-        if _is_map(s, min_size) and min(s[-2:]) >= min_size: return n
+def default_layer(
+    model:nn.Module, # The model
+    xb:Tensor, # A batch of the inputs to explain (their size decides)
+    min_size:int=4, # The smallest map (height and width) worth showing
+)->str:
+    "Name of the layer explained by default: the last one whose output is a spatial map of at least `min_size`×`min_size` (within the body of a fastai model), never an adaptive pooling; the last spatial map when none is that large"
+    model = unwrap_model(model)
+    key, cache = (tuple(xb.shape[1:]), min_size), _defaults.setdefault(model, {})
+    if key in cache: return cache[key]
+    body = _is_fastai_vision(model)
+    cands = [(n, s) for n, s in layer_shapes(model, xb) if _is_map(s) and (not body or n == '0' or n.startswith('0.'))
+             and not isinstance(model.get_submodule(n), _pools) and n]
+    if not cands:
+        raise ValueError("No module of this model outputs a spatial (B, C, H, W) feature map, so there is nothing to draw a heatmap from at a layer. "
+                         "Methods at a layer need a convolutional model; the input-gradient methods (such as method='saliency') work on any image model.")
+    big = [n for n, s in cands if min(s[-2:]) >= min_size]
+    cache[key] = big[-1] if big else ([n for n, s in cands if max(s[-2:]) > 1] or [cands[-1][0]])[-1]
+    return cache[key]
 
 # %% ../nbs/02_core.ipynb #aa3f60af
 def resolve_layer(
     model:nn.Module, # The model
     layer:nn.Module|str|int|None, # A module of `model`, its dotted name, or None for `default_layer`
-    xb:Tensor|None=None, # A batch, needed when `layer` is None and the model is not a fastai vision model
+    xb:Tensor|None=None, # A batch, needed when `layer` is None
+    min_size:int=4, # For the default layer: the smallest map worth showing
 )->tuple:
     "The module and the dotted name of `layer` in `model`"
+    model = unwrap_model(model)
     names = {m: n for n, m in model.named_modules()}
-    if layer is None: layer = default_layer(model, xb)
+    if layer is None:
+        if xb is None: raise ValueError("Pass a batch `xb` to find the default layer, or name the layer.")
+        layer = default_layer(model, xb, min_size)
     if isinstance(layer, nn.Module):
         if layer not in names: raise ValueError(f"The module passed as `layer` ({layer.__class__.__name__}) is not part of this model. Pass one of its modules, or its name.")
         return layer, names[layer]
     if isinstance(layer, int) and not isinstance(layer, bool): layer = str(layer)
     if not isinstance(layer, str): raise TypeError(f"`layer` should be a module of the model, its dotted name (such as '0.6' or 'layer4'), or None; got {type(layer).__name__}.")
+    layer = re.sub(r'^(_orig_mod\.|module\.)+', '', layer) # names taken from a compiled or wrapped model
     try: return model.get_submodule(layer), layer
     except AttributeError:
         close = difflib.get_close_matches(layer, [n for n in names.values() if n], n=5)
@@ -88,25 +109,42 @@ def resolve_layer(
         raise ValueError(f"This model has no layer named {layer!r}.{hint} `dict(model.named_modules())` lists the names; `layer_shapes(model, xb)` shows each one's output shape.") from None
 
 # %% ../nbs/02_core.ipynb #7e1c26f9
-def _targets(targets, logits:Tensor)->Tensor:
-    "The classes explained: each sample's prediction when `targets` is None, else `targets` (an int, one per sample (B,), or several per sample (B, T))"
-    n, c = logits.shape
-    if callable(targets): targets = targets(logits.detach())
-    if targets is None: return logits.argmax(1)
+def _as_targets(targets, n:int, c:int, device)->Tensor:
+    "`targets` as class indices (B,) or (B, T), checked"
+    what = "`targets` should be class indices: an int for all, one per sample, or several per sample (B, T)"
     if isinstance(targets, str) or (isinstance(targets, (list, tuple)) and any(isinstance(o, str) for o in targets)):
         raise TypeError("`targets` here are class indices; to use label names, call `learn.heatmap`, which looks them up in `learn.dls.vocab`.")
-    t = torch.as_tensor(targets, device=logits.device).as_subclass(Tensor) # a fastai `TensorCategory` would tag along
-    if t.is_floating_point() or t.dtype == torch.bool: raise TypeError(f"`targets` should be class indices (integers); got {t.dtype}.")
-    if t.ndim > 2: raise ValueError(f"`targets` should be an int, one class per sample (B,), or several per sample (B, T); got shape {tuple(t.shape)}.")
+    if isinstance(targets, (bool, np.bool_)) or (isinstance(targets, (Tensor, np.ndarray)) and targets.dtype in (torch.bool, np.bool_)):
+        raise TypeError(f"{what}; got a bool ({targets!r}).")
+    if isinstance(targets, (float, np.floating)): raise TypeError(f"{what}; got the float {targets!r}.")
+    try: t = torch.as_tensor(targets, device=device)
+    except (ValueError, TypeError, RuntimeError) as e: raise ValueError(f"{what}; could not read {targets!r} as such ({e}). A ragged list (a different number of classes per sample) is not possible: give each sample the same number.") from None
+    t = t.as_subclass(Tensor) # a fastai `TensorCategory` would tag along
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool: raise TypeError(f"{what}; got {t.dtype} values.")
+    if t.ndim > 2: raise ValueError(f"{what}; got shape {tuple(t.shape)}.")
     t = t.long() if t.ndim else t.long().expand(n)
     if len(t) != n: raise ValueError(f"`targets` has {len(t)} classes for a batch of {n}: pass one int for all, or one class per sample.")
+    if t.ndim == 2 and t.shape[1] == 0: raise ValueError(f"`targets` has shape {tuple(t.shape)}: no class to explain for each sample. Pass at least one.")
     bad = t[(t < 0) | (t >= c)]
     if len(bad): raise IndexError(f"Class index {bad[0].item()} is out of range: the model has {c} output{'s' if c>1 else ''} (classes 0 to {c-1}).")
     return t
 
+def resolve_targets(
+    targets, # None, an int, one per sample, (B, T), or a function of the predictions giving one of these
+    preds:Tensor, # The model's outputs (B, n_classes)
+)->tuple:
+    "The classes explained, (B,) or (B, T), and whether each map is of the negative side of a single-logit model"
+    n, c = preds.shape
+    if callable(targets): targets = targets(preds.detach())
+    if targets is None:
+        t = preds.argmax(1)
+        return t, ((preds[:, 0] < 0) if c == 1 else torch.zeros_like(t, dtype=torch.bool))
+    t = _as_targets(targets, n, c, preds.device)
+    return t, torch.zeros_like(t, dtype=torch.bool)
+
 # %% ../nbs/02_core.ipynb #56c70542
 def normalize_maps(
-    maps:Tensor, # Heatmaps (B, H, W)
+    maps:Tensor, # Heatmaps (..., H, W)
     norm:str|None='image', # 'image': min-max per map; 'batch': one min-max for the whole batch; None: raw values
 )->Tensor:
     "Scale `maps` to [0, 1]; a constant map (nothing stands out) becomes zeros, never NaN"
@@ -118,90 +156,129 @@ def normalize_maps(
     return torch.where(rng > 0, (maps - lo) / torch.where(rng > 0, rng, torch.ones_like(rng)), torch.zeros_like(maps))
 
 # %% ../nbs/02_core.ipynb #9bef577b
-class CAMMethod:
-    "Base class of heatmap methods: `weights` gives per-channel (B, K) or per-position (B, K, h, w) weights of the activations"
-    needs_grad = True # Whether `weights` needs the gradient of the scores with respect to the activations
-    def weights(self, acts:Tensor, grads:Tensor|None, model:nn.Module, logits:Tensor, targets:Tensor)->Tensor: raise NotImplementedError
+class Method:
+    "Base class of heatmap methods: set the attributes below, and override the override points of the family (`LayerMethod`, `InputGradientMethod`, `PerturbationMethod`)"
+    name:str = '' # The name `heatmap(method=...)` finds it by (set by `register_method`)
+    family:str = '' # 'cam' (a map at a layer), 'gradient' (input gradients) or 'perturbation'
+    paper:str = '' # Where it comes from
+    cost:str = '' # What it costs, in forward and backward passes
+    uses_layer:bool = True # Whether it is computed at a layer (and takes `layer=`)
+    min_size:int = 4 # The default layer is the last one whose maps are at least this large (CAM needs the last one before the pooling: 1)
+    smoothing:str|None = None # How `smooth=` applies: 'input' (maps averaged over noisy inputs: SmoothGrad), 'mask' (the method's own, e.g. SS-CAM), or None
+    map_rule:str = 'relu' # What `relu=True` keeps: 'relu' (positive evidence) or 'abs' (the magnitude, for gradients)
 
-_methods = {}
-def register_method(*names):
-    "Make a `CAMMethod` subclass available to `heatmap(method=...)` under `names`"
-    def _inner(cls):
-        for n in names: _methods[n] = cls
-        return cls
-    return _inner
+    def forward(self, ctx:Context)->Tensor:
+        "Run the model once on `ctx.x` and return its output (the family's job)"
+        raise NotImplementedError
+    def map(self, ctx:Context)->Tensor:
+        "The raw map (B, h, w) of the class `ctx.targets` for each sample"
+        raise NotImplementedError
+    def scale(self, maps:Tensor, ctx:Context)->Tensor:
+        "A last step on the maps (B, T, h, w), after the ReLU and before upsampling; none by default"
+        return maps
+    def __repr__(self):
+        opts = ', '.join(f'{k}={v!r}' for k, v in vars(self).items() if not k.startswith('_'))
+        return f"{self.__class__.__name__}({opts})"
 
-def get_method(method:str|CAMMethod)->CAMMethod:
-    "The `CAMMethod` called `method` (case, '-' and '_' don't matter)"
-    if isinstance(method, CAMMethod): return method
-    key = str(method).lower().replace('-', '').replace('_', '')
-    if key not in _methods: raise ValueError(f"Unknown method {method!r}: choose one of {', '.join(repr(o) for o in sorted(set(_methods)))}.")
-    return _methods[key]()
+# %% ../nbs/02_core.ipynb #5b3f0a9c
+class Context:
+    "What a method sees of one batch: the model, its input, the layer and its activations, the predictions, and the class each map explains"
+    def __init__(self,
+        model:nn.Module, # The model, in eval mode
+        x:Tensor, # The batch, on the model's device and in its dtype
+        layer:nn.Module|None=None, # The layer of a `LayerMethod`
+        layer_name:str|None=None, # Its dotted name
+        batch_size:int=64, # Inputs per forward pass when running the model on modified inputs
+        act=None, # Function from outputs to probabilities; softmax (sigmoid for a single output) when None
+        smooth:int=0, # Noisy samples, for methods that smooth themselves (`Method.smoothing == 'mask'`)
+        noise:float=0.15, # Standard deviation of that noise, as a fraction of the range of what is perturbed
+        generator:torch.Generator|None=None, # Random numbers for the noise
+        bar:bool=True, # Show a progress bar over many batches
+    ):
+        store_attr()
+        self.acts = self.preds = self.targets = self.negative = self.hook = self.xg = None
+        self.cache = {} # for what a method computes once for every target column (e.g. ScoreCAM's masked scores)
+        self._grads = {}
 
-# %% ../nbs/02_core.ipynb #b7a43f90
-@register_method('gradcam')
-class GradCAM(CAMMethod):
-    """Grad-CAM, Selvaraju et al. 2017, 'Grad-CAM: Visual Explanations from Deep Networks via Gradient-based Localization':
-    L_c = ReLU(Σ_k α_k A_k), α_k = mean_ij ∂y_c/∂A_k(i,j), with y_c the score before softmax"""
-    def weights(self, acts, grads, **kwargs): return grads.mean((2, 3))
+    def set_targets(self, targets:Tensor, negative:Tensor):
+        "The class explained for each sample (B,), and whether the map is of the negative side of a single logit"
+        self.targets, self.negative = targets, negative
+        self.sign = 1. - 2.*negative.float()
+        self._grads = {}
 
-# %% ../nbs/02_core.ipynb #c25a117c
-def _cam_head_weights(model:nn.Module, acts:Tensor, logits:Tensor)->Tensor:
-    "Weights (n_classes, K) of a global average pooling → [BatchNorm1d] → Linear head, checked against `logits` from the same forward"
-    what = ("method='cam' needs a head of global average pooling → Linear (a BatchNorm1d in between is fine) right after the layer, "
-            "as in Zhou et al. 2016, but {}. fastai's default head (concat pooling → BatchNorm → Linear → ReLU → BatchNorm → Linear) is not one. "
-            "Use method='gradcam', which works with any head (and, where CAM applies, gives the same map up to a constant factor).")
-    lins = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not lins: raise ValueError(what.format('this model has no nn.Linear'))
-    fc, k = lins[-1], acts.shape[1]
-    if fc.in_features != k: raise ValueError(what.format(f'its last Linear takes {fc.in_features} features while the layer has {k} channels'))
-    pooled, out = acts.float().mean((2, 3)), logits.float()
-    w = fc.weight.float()
-    b = fc.bias.float() if fc.bias is not None else None
-    tol = 5e-2 if logits.dtype in (torch.float16, torch.bfloat16) else 1e-4 # low precision (or autocast) outputs agree less closely
-    def _same(o): return torch.allclose(o, out, rtol=tol, atol=tol*(1 + out.abs().max().item()))
-    mods = list(model.modules())
-    bns = [m for m in mods[:mods.index(fc)] if isinstance(m, nn.BatchNorm1d) and m.num_features == k and m.running_var is not None]
-    if bns:
-        bn = bns[-1]
-        scale = (bn.running_var.float() + bn.eps).rsqrt()
-        if bn.weight is not None: scale = scale * bn.weight.float()
-        shift = -bn.running_mean.float()*scale + (bn.bias.float() if bn.bias is not None else 0.)
-        if _same(F.linear(pooled*scale + shift, w, b)): return w*scale
-    if _same(F.linear(pooled, w, b)): return w
-    raise ValueError(what.format("the layer's activations, averaged and passed through the last Linear, do not give the model's outputs"))
+    def score(self, out:Tensor, rows:Tensor|None=None)->Tensor:
+        "The explained score in outputs `out` (N, n_classes): each target's logit (negated for a negative single-logit map); `rows` gives each row's sample"
+        t, s = (self.targets, self.sign) if rows is None else (self.targets[rows], self.sign[rows])
+        return out.gather(1, t[:, None])[:, 0] * s.to(out.dtype)
 
-@register_method('cam')
-class CAM(CAMMethod):
-    """CAM, Zhou et al. 2016, 'Learning Deep Features for Discriminative Localization':
-    M_c = Σ_k w_{c,k} A_k, with w the weights of the Linear that follows global average pooling (a BatchNorm1d between them is folded in)"""
-    needs_grad = False
-    def weights(self, acts, model, logits, targets, **kwargs): return _cam_head_weights(model, acts, logits)[targets]
+    def probs(self, out:Tensor)->Tensor:
+        "Probabilities of every class (N, n_classes), float32: `act`, or softmax (sigmoid for a single output)"
+        out = out.float()
+        return (self.act or ((lambda o: o.softmax(-1)) if out.shape[1] > 1 else torch.sigmoid))(out).float()
 
-# %% ../nbs/02_core.ipynb #8a9b95b6
-class Explanation(NamedTuple):
-    "What `explain` computes for a batch"
-    maps: Tensor # Heatmaps (B, H, W), float32; (B, T, H, W) when several classes per sample are explained
-    preds: Tensor # The model's outputs for the batch (B, n_classes), float32, before any activation
-    targets: Tensor # The class explained for each sample (B,)
-    layer: str # Dotted name of the layer the maps come from
-    layer_size: tuple # The maps' (h, w) at that layer, before upsampling
+    def pick(self, p:Tensor, rows:Tensor|None=None)->Tensor:
+        "Each explained class's probability in `p` (N, n_classes) (for the negative side of a single logit, 1 − p); `rows` gives each row's sample"
+        t, neg = (self.targets, self.negative) if rows is None else (self.targets[rows], self.negative[rows])
+        v = p.gather(1, t[:, None])[:, 0]
+        return torch.where(neg, 1 - v, v)
 
-def _check_batch(xb):
-    if not isinstance(xb, Tensor): raise TypeError(f"`xb` should be a batch of images, a tensor of shape (B, C, H, W); got {type(xb).__name__}.")
-    if xb.ndim == 3: raise ValueError(f"`xb` has shape {tuple(xb.shape)}, one image without a batch dimension: pass `xb[None]`.")
-    if xb.ndim != 4 or not xb.is_floating_point():
-        raise TypeError(f"heatmaps explain image models, whose input is a float batch (B, C, H, W); got a {xb.dtype} tensor of shape {tuple(xb.shape)}. "
-                        "Text and tabular models have no spatial map to show.")
-    if len(xb) == 0: raise ValueError("`xb` is an empty batch.")
+    def prob(self, out:Tensor, rows:Tensor|None=None)->Tensor:
+        "The probability of the explained class in outputs `out` (N, n_classes), float32"
+        return self.pick(self.probs(out), rows)
 
-def _check_preds(out, n):
-    if not isinstance(out, Tensor): raise TypeError(f"heatmaps explain models that return one tensor of class scores (B, n_classes); this model returned a {type(out).__name__}.")
-    if out.ndim == 1 and len(out) == n: out = out[:, None]
-    if out.ndim != 2 or len(out) != n: raise ValueError(f"heatmaps explain classifiers, whose output is (B, n_classes); this model's output has shape {tuple(out.shape)}.")
-    return out
+    @property
+    def grads(self)->Tensor:
+        "∂score/∂A at the layer for the current targets (B, K, h, w), float32 (a `LayerMethod` with `needs_grad`)"
+        if 'layer' not in self._grads:
+            if self.hook is None or not self.hook.grad: raise RuntimeError("This method did not ask for gradients: set `needs_grad = True`.")
+            self._grads['layer'] = self.hook.gradient(self.score(self.out), retain_graph=True).float()
+        return self._grads['layer']
 
-def _check_acts(h, name):
+    @property
+    def input_grads(self)->Tensor:
+        "∂score/∂x for the current targets (B, C, H, W), float32 (an `InputGradientMethod`)"
+        if 'input' not in self._grads:
+            self._grads['input'] = torch.autograd.grad(self.score(self.out).sum(), self.xg, retain_graph=True)[0].float()
+        return self._grads['input']
+
+    def chunks(self, n:int, what:str='')->list:
+        "Slices of `range(n)` of `batch_size` each, shown with a progress bar when there are many"
+        sl = [slice(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
+        if not self.bar or len(sl) <= 8: return sl
+        pb = progress_bar(sl, leave=False)
+        pb.comment = what
+        return pb
+
+    def run(self, xs:Tensor)->Tensor:
+        "The model's outputs (N, n_classes), float32, for inputs `xs` (one forward pass, no gradient)"
+        with torch.no_grad(): return self.model(xs.to(self.x.dtype)).float()
+
+    def run_with_layer(self, rows:Tensor, acts:Tensor)->Tensor:
+        "The model's outputs (N, n_classes) for the samples `rows`, with the layer's output replaced by `acts` (N, K, h, w)"
+        with ReplaceOutput(self.layer, acts.to(self.act_dtype)), torch.no_grad(): return self.model(self.x[rows]).float()
+
+    def input_grads_of(self, xs:Tensor, rows:Tensor, rule=None)->Tensor:
+        "∂score/∂x (N, C, H, W) at inputs `xs`, for the targets of samples `rows`, under the backward `rule` (a context manager) if given"
+        xg = xs.detach().to(self.x.dtype).requires_grad_()
+        with torch.enable_grad(), (rule or nullcontext()): out = self.model(xg)
+        return torch.autograd.grad(self.score(out, rows).sum(), xg)[0].float()
+
+# %% ../nbs/02_core.ipynb #6e2d1b55
+class ReplaceOutput:
+    "Context manager under which `m`'s forward output is `value` (which must have the output's shape)"
+    def __init__(self, m:nn.Module, value:Tensor):
+        self.m, self.value = m, value
+        self.handle = m.register_forward_hook(self.hook_fn)
+    def hook_fn(self, m, i, o):
+        if not isinstance(o, Tensor) or o.shape != self.value.shape:
+            raise RuntimeError(f"The layer's output has shape {tuple(o.shape) if isinstance(o, Tensor) else type(o).__name__}, the replacement {tuple(self.value.shape)}.")
+        return self.value
+    def __enter__(self): return self
+    def __exit__(self, *args): self.handle.remove()
+
+# %% ../nbs/02_core.ipynb #3f0cc0a1
+def _layer_map(h:ActivationHook, name:str)->Tensor:
+    "The activation stored by `h`, checked to be a spatial map"
     if h.n_calls == 0: raise ValueError(f"Layer {name!r} did not run during the forward pass: pick a module that the model calls.")
     a = h.stored
     if not isinstance(a, Tensor) or a.ndim != 4:
@@ -210,100 +287,259 @@ def _check_acts(h, name):
                          "or a torchvision resnet's 'layer4'. `layer_shapes(model, xb)` lists every layer's output shape.")
     return a
 
+class LayerMethod(Method):
+    "A map at a layer, from its activations `A` (and `∂y_c/∂A` when `needs_grad`): `combine(weights(ctx))`"
+    family, uses_layer, needs_grad = 'cam', True, True
+    def forward(self, ctx):
+        with ActivationHook(ctx.layer, grad=self.needs_grad) as h:
+            with torch.no_grad(): out = ctx.model(ctx.x)
+        a = _layer_map(h, ctx.layer_name)
+        if self.needs_grad and not (isinstance(out, Tensor) and out.requires_grad):
+            raise ValueError(f"The model's output does not depend on layer {ctx.layer_name!r}: choose a layer on the path to the output.")
+        ctx.hook, ctx.act_dtype, ctx.acts = h, a.dtype, a.detach().float()
+        return out
+    def weights(self, ctx:Context)->Tensor:
+        "Weights of the activations: per channel (B, K) or per position (B, K, h, w)"
+        raise NotImplementedError
+    def combine(self, ctx:Context, w:Tensor)->Tensor:
+        "The map (B, h, w) from the weights: `Σ_k w_k A_k`"
+        return torch.einsum('bk,bkhw->bhw', w, ctx.acts) if w.ndim == 2 else (w * ctx.acts).sum(1)
+    def map(self, ctx): return self.combine(ctx, self.weights(ctx).float())
+
+def reduce_channels(
+    a:Tensor, # Attributions (B, C, H, W)
+    reduce:str|None='max', # 'max': the value of the channel of largest magnitude; 'sum': their sum; 'mean'; None: keep the channels
+)->Tensor:
+    "An attribution per pixel (B, H, W) from one per colour channel; with `relu=True` the engine then keeps its magnitude (max |·| for 'max', as Simonyan et al.)"
+    if reduce is None: return a
+    if reduce == 'max': return a.gather(1, a.abs().argmax(1, keepdim=True))[:, 0]
+    if reduce == 'sum': return a.sum(1)
+    if reduce == 'mean': return a.mean(1)
+    raise ValueError(f"Unknown reduce {reduce!r}: use 'max' (the channel of largest magnitude), 'sum', 'mean', or None to keep the channels.")
+
+class InputGradientMethod(Method):
+    "A map at the input's resolution from gradients with respect to the input: `attribute(ctx)` (B, C, H, W), reduced over the colour channels"
+    family, uses_layer, smoothing, map_rule = 'gradient', False, 'input', 'abs'
+    def __init__(self,
+        reduce:str|None='max', # Over colour channels: 'max' (largest magnitude), 'sum', 'mean', or None to keep them (maps (B, C, H, W))
+    ):
+        reduce_channels(torch.zeros(1, 1, 1, 1), reduce) # checks the name
+        self.reduce = reduce
+    def backward_rule(self):
+        "A context manager under which the forward pass records a modified backward pass (guided backpropagation); none by default"
+        return nullcontext()
+    def forward(self, ctx):
+        ctx.xg = ctx.x.detach().requires_grad_()
+        with torch.enable_grad(), self.backward_rule(): return ctx.model(ctx.xg)
+    def attribute(self, ctx:Context)->Tensor:
+        "The attribution (B, C, H, W): the gradient of the score with respect to the input"
+        return ctx.input_grads
+    def map(self, ctx): return reduce_channels(self.attribute(ctx), self.reduce)
+
+class PerturbationMethod(Method):
+    "A map from how the scores change when the input is modified: `map` runs the model on modified inputs with `ctx.run`"
+    family, uses_layer = 'perturbation', False
+    def forward(self, ctx):
+        with torch.no_grad(): return ctx.model(ctx.x)
+
+# %% ../nbs/02_core.ipynb #9f3c1c2e
+_methods = {} # normalized name → class
+_builtin_modules = ('cam', 'gradients', 'perturbation') # the modules that register the built-in methods
+
+def _key(name)->str: return re.sub(r'[^a-z0-9+]', '', str(name).lower().replace('++', 'pp'))
+
+def register_method(*names):
+    "Make a `Method` subclass available to `heatmap(method=...)` under `names` (the first is its name in lists)"
+    if not names: raise TypeError("register_method needs at least one name.")
+    def _inner(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Method)): raise TypeError(f"register_method registers subclasses of `Method`, not {cls!r}.")
+        cls.name = names[0]
+        for n in names: _methods[_key(n)] = cls
+        return cls
+    return _inner
+
+def _load_builtins():
+    for m in _builtin_modules: importlib.import_module(f'fastai_heatmap.{m}') # they build on this module, so they are imported when first needed
+
+def _options(cls)->dict:
+    "The options of a method: its `__init__`'s keyword arguments and their defaults"
+    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != 'self' and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+def method_names(family:str|None=None)->list:
+    "The names of the registered methods (of one `family` if given), in the order they were registered"
+    _load_builtins()
+    return list(dict.fromkeys(c.name for c in _methods.values() if family is None or c.family == family))
+
+def get_method(
+    method:str|Method|type, # A name, a `Method` subclass, or an instance
+    **kwargs, # The method's options
+)->Method:
+    "The `Method` for `method`, with its options checked"
+    _load_builtins()
+    if isinstance(method, Method):
+        if kwargs: raise TypeError(f"Options {', '.join(map(repr, kwargs))} cannot be given with a method instance: pass them when creating it, or pass the method's name.")
+        return method
+    if isinstance(method, type) and issubclass(method, Method): cls = method
+    elif isinstance(method, str) and _key(method) in _methods: cls = _methods[_key(method)]
+    else:
+        names = method_names()
+        close = difflib.get_close_matches(str(method).lower(), names, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"Unknown method {method!r}.{hint} Choose one of {', '.join(map(repr, names))} (`list_methods()` describes them).")
+    opts = _options(cls)
+    bad = [k for k in kwargs if k not in opts]
+    if bad:
+        took = f"its options are {', '.join(map(repr, opts))}" if opts else "it takes no options"
+        raise TypeError(f"Method {cls.name!r} takes no option {bad[0]!r}: {took}.")
+    return cls(**kwargs)
+
+def list_methods()->pd.DataFrame:
+    "The registered methods: name, family, paper, cost and options (with their defaults)"
+    _load_builtins()
+    rows, seen = [], set()
+    for cls in _methods.values():
+        if cls in seen: continue
+        seen.add(cls)
+        opts = ', '.join(f"{k}={v!r}" for k, v in _options(cls).items())
+        rows.append(dict(name=cls.name, family=cls.family, paper=cls.paper, cost=cls.cost, options=opts))
+    return pd.DataFrame(rows)
+
+# %% ../nbs/02_core.ipynb #8a9b95b6
+class Explanation(NamedTuple):
+    "What `explain` computes for a batch"
+    maps: Tensor # Heatmaps (B, H, W), float32; (B, T, H, W) when several classes per sample are explained
+    preds: Tensor # The model's outputs for the batch (B, n_classes), float32, before any activation
+    targets: Tensor # The class explained for each sample (B,) or (B, T)
+    layer: str|None # Dotted name of the layer the maps come from (None for methods on the input)
+    layer_size: tuple # The maps' (h, w) before upsampling
+    negative: Tensor|None = None # Which maps explain the negative side of a single-logit model (like `targets`)
+    method: str = '' # The method's name
+
+def _check_batch(xb):
+    if not isinstance(xb, Tensor): raise TypeError(f"`xb` should be a batch of images, a tensor of shape (B, C, H, W); got {type(xb).__name__}.")
+    if xb.ndim == 3: raise ValueError(f"`xb` has shape {tuple(xb.shape)}, one image without a batch dimension: pass `xb[None]`.")
+    if xb.ndim != 4 or not xb.is_floating_point():
+        raise TypeError(f"heatmaps explain image models, whose input is a float batch (B, C, H, W); got a {xb.dtype} tensor of shape {tuple(xb.shape)}. "
+                        "Integer pixels need the model's normalization first (`learn.heatmap` applies the learner's); text and tabular models have no spatial map to show.")
+    if len(xb) == 0: raise ValueError("`xb` is an empty batch.")
+    bad = ~torch.isfinite(xb).flatten(1).all(1)
+    if bad.any(): raise ValueError(f"The input has NaN or infinite values (sample{'s' if bad.sum() > 1 else ''} {torch.where(bad)[0].tolist()[:5]}): a map of them would mean nothing. Check how the batch was made.")
+
+def _check_preds(out, n):
+    if not isinstance(out, Tensor): raise TypeError(f"heatmaps explain models that return one tensor of class scores (B, n_classes); this model returned a {type(out).__name__}.")
+    if out.ndim == 1 and len(out) == n: out = out[:, None]
+    if out.ndim != 2 or len(out) != n: raise ValueError(f"heatmaps explain classifiers, whose output is (B, n_classes); this model's output has shape {tuple(out.shape)}.")
+    bad = ~torch.isfinite(out.detach()).all(1)
+    if bad.any(): raise ValueError(f"The model's output has NaN or infinite values (sample{'s' if bad.sum() > 1 else ''} {torch.where(bad)[0].tolist()[:5]}), so there is no score to explain. "
+                                   "Check the model's weights and the input's scale (half precision overflows above 65504).")
+    return out
+
 def _model_place(model, xb):
     p = next((p for p in model.parameters() if p.is_floating_point()), None)
     return (xb.device, xb.dtype) if p is None else (p.device, p.dtype)
 
-# %% ../nbs/02_core.ipynb #559db760
+def _check_smooth(meth, smooth, noise):
+    if smooth in (None, False, 0): return 0
+    if isinstance(smooth, bool): smooth = 20
+    if not isinstance(smooth, (int, np.integer)) or smooth < 0: raise ValueError(f"`smooth` is the number of noisy samples to average, an int ≥ 1 (or 0 for none); got {smooth!r}.")
+    if meth.smoothing is None:
+        raise ValueError(f"`smooth` averages over noisy inputs for gradient methods (SmoothGrad) and over noisy masks for ScoreCAM (SS-CAM); method {meth.name!r} uses neither. "
+                         f"Methods it applies to: {', '.join(n for n in method_names() if _methods[_key(n)].smoothing)}.")
+    if not (isinstance(noise, (int, float)) and noise > 0): raise ValueError(f"`noise` is the noise's standard deviation as a fraction of the input's range, a number > 0; got {noise!r}.")
+    return int(smooth)
+
+# %% ../nbs/02_core.ipynb #4d6a2b17
+def _columns(meth, ctx, tg, neg)->Tensor:
+    "The raw maps (B, T, ...) of every target column"
+    cols, negs = (tg, neg) if tg.ndim == 2 else (tg[:, None], neg[:, None])
+    res = []
+    for j in range(cols.shape[1]):
+        ctx.set_targets(cols[:, j], negs[:, j])
+        res.append(meth.map(ctx).float())
+    return torch.stack(res, 1)
+
+def _smoothed(meth, ctx, tg, neg, smooth, noise, generator)->Tensor:
+    "SmoothGrad (Smilkov et al. 2017): the mean of the raw maps of `smooth` noisy copies of each input, σ = `noise` × the input's range, in batches"
+    x = ctx.x
+    eps = torch.randn((smooth, *x.shape[1:]), generator=generator, device='cpu').to(x.device, torch.float32) # one noise per copy, the same for every sample: per-example equals batched
+    rng = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).float()
+    n, total = len(x), None
+    for sl in ctx.chunks(smooth * n, 'smoothing'):
+        idx = torch.arange(sl.start, sl.stop, device=x.device)
+        rows, k = idx % n, idx // n
+        xs = (x[rows].float() + noise * rng[rows, None, None, None] * eps[k]).to(x.dtype)
+        sub = Context(ctx.model, xs, ctx.layer, ctx.layer_name, ctx.batch_size, ctx.act, bar=False)
+        sub.out = _check_preds(meth.forward(sub), len(xs))
+        sub.preds = sub.out.detach().float()
+        m = _columns(meth, sub, tg[rows], neg[rows])
+        total = m.new_zeros(n, *m.shape[1:]) if total is None else total
+        total.index_add_(0, rows, m)
+    return total / smooth
+
 def explain(
     model:nn.Module, # A classifier: images (B, C, H, W) → scores (B, n_classes)
     xb:Tensor, # A batch of images, as the model takes them (normalized)
     targets=None, # Class to explain: None for each sample's prediction, an int for all, one per sample (B,), several (B, T), or a function of the predictions giving these
-    method:str|CAMMethod='gradcam', # 'gradcam' or 'cam', or a `CAMMethod`
-    layer:nn.Module|str|None=None, # Module or dotted name of the layer to explain; None for `default_layer`
+    method:str|Method='gradcam', # A method's name (`list_methods()`), or a `Method`
+    layer:nn.Module|str|None=None, # For methods at a layer: the module or its dotted name; None for `default_layer`
     upsample:bool=True, # Bilinear upsampling (align_corners=False) to the input's H×W; False keeps the layer's resolution
     norm:str|None='image', # 'image': min-max per map; 'batch': one scale for the batch; None: raw values
-    relu:bool=True, # Keep only positive evidence, as the papers do; False gives the signed map
+    relu:bool=True, # Keep only positive evidence (the magnitude, for input gradients), as the papers do; False gives the signed map
+    smooth:int=0, # Average over this many noisy copies of the input (SmoothGrad; SS-CAM for ScoreCAM); 0 for none
+    noise:float=0.15, # The noise's standard deviation for `smooth`, as a fraction of the input's range
+    batch_size:int=64, # Inputs per forward pass when a method runs the model on modified inputs (ScoreCAM, occlusion, `smooth`, ...)
+    act=None, # Function from the model's outputs to probabilities, for methods that score them; softmax (sigmoid for one output) when None
+    bar:bool=True, # Show a progress bar when a method runs the model on many modified inputs
+    **kwargs, # The method's own options (such as `window=` for occlusion); `list_methods()` shows them
 )->Explanation:
     "Heatmaps of `xb` with the predictions of the same forward pass, the classes explained and the layer used"
-    meth = get_method(method)
+    meth = get_method(method, **kwargs)
     _check_batch(xb)
     if norm not in ('image', 'batch', None): normalize_maps(xb[:0, 0], norm) # raises the error that names the choices
+    smooth = _check_smooth(meth, smooth, noise)
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1: raise ValueError(f"`batch_size` should be an int ≥ 1; got {batch_size!r}.")
+    if layer is not None and not meth.uses_layer:
+        raise ValueError(f"Method {meth.name!r} works on the input and takes no layer: leave `layer` out. The methods at a layer are {', '.join(map(repr, method_names('cam')))}.")
+    model = unwrap_model(model)
     device, dtype = _model_place(model, xb)
-    x = xb.to(device=device, dtype=dtype if xb.is_floating_point() and dtype.is_floating_point else None)
+    x = xb.to(device=device, dtype=dtype if dtype.is_floating_point else None)
     x = x.as_subclass(Tensor) # fastai's tensor types would tag along through every op
     if x.is_inference(): x = x.clone()
+    gen = torch.Generator().manual_seed(0)
     grad_mode = torch.is_grad_enabled()
     try:
         with eval_mode(model), torch.inference_mode(False):
-            mod, name = resolve_layer(model, layer, x)
-            with ActivationHook(mod, grad=meth.needs_grad) as h:
-                with torch.no_grad(): out = model(x)
-                acts, preds = _check_acts(h, name), _check_preds(out, len(x))
-                tg = _targets(targets, preds)
-                cols = tg if tg.ndim == 2 else tg[:, None] # (B, T): T classes explained per sample, from this one forward pass
-                grads = [None]*cols.shape[1]
-                if meth.needs_grad:
-                    if not preds.requires_grad: raise ValueError(f"The model's output does not depend on layer {name!r}: choose a layer on the path to the output.")
-                    grads = [h.gradient(preds.gather(1, cols[:, j:j+1]), retain_graph=j < cols.shape[1]-1).float() for j in range(cols.shape[1])]
-            with torch.no_grad(), torch.autocast(device.type, enabled=False): # the map's own math is float32, whatever the model's
-                a = acts.detach().float()
-                ws = [meth.weights(acts=a, grads=g, model=model, logits=preds.detach(), targets=cols[:, j]).float() for j, g in enumerate(grads)]
-                maps = torch.stack([torch.einsum('bk,bkhw->bhw', w, a) if w.ndim == 2 else (w*a).sum(1) for w in ws], 1)
-                if relu: maps = maps.relu()
-                size = tuple(maps.shape[-2:])
-                if upsample: maps = F.interpolate(maps, size=x.shape[-2:], mode='bilinear', align_corners=False)
-                maps = normalize_maps(maps, norm)
-                if tg.ndim == 1: maps = maps[:, 0]
+            mod, name = resolve_layer(model, layer, x, meth.min_size) if meth.uses_layer else (None, None)
+            ctx = Context(model, x, mod, name, int(batch_size), act, smooth, noise, gen, bar)
+            ctx.out = out = _check_preds(meth.forward(ctx), len(x))
+            ctx.preds = preds = out.detach().float()
+            tg, neg = resolve_targets(targets, preds)
+            with torch.autocast(device.type, enabled=False): # the maps' own math is float32, whatever the model's
+                if smooth and meth.smoothing == 'input': maps = _smoothed(meth, ctx, tg, neg, smooth, noise, gen)
+                else: maps = _columns(meth, ctx, tg, neg)
+                with torch.no_grad():
+                    if relu: maps = maps.abs() if meth.map_rule == 'abs' else maps.relu()
+                    maps = meth.scale(maps, ctx)
+                    size = tuple(maps.shape[-2:])
+                    if upsample and size != tuple(x.shape[-2:]):
+                        maps = F.interpolate(maps.flatten(1, -3), size=x.shape[-2:], mode='bilinear', align_corners=False).view(*maps.shape[:-2], *x.shape[-2:])
+                    chans = maps.ndim == 5 # input methods with reduce=None: one scale per image over its channels
+                    maps = normalize_maps(maps.flatten(-3, -2) if chans else maps, norm).view(maps.shape)
+                    if tg.ndim == 1: maps = maps[:, 0]
     finally: torch.set_grad_enabled(grad_mode)
-    return Explanation(maps.to(xb.device), preds.detach().float().to(xb.device), tg.to(xb.device), name, size)
+    return Explanation(maps.detach().to(xb.device), preds.to(xb.device), tg.to(xb.device), name, size, neg.to(xb.device), meth.name)
 
 # %% ../nbs/02_core.ipynb #a76dddcc
 def heatmap(
     model:nn.Module, # A classifier: images (B, C, H, W) → scores (B, n_classes)
     xb:Tensor, # A batch of images, as the model takes them (normalized)
     targets=None, # Class to explain: None for each sample's prediction, an int for all, or one per sample
-    method:str|CAMMethod='gradcam', # 'gradcam' or 'cam', or a `CAMMethod`
-    layer:nn.Module|str|None=None, # Module or dotted name of the layer to explain; None for `default_layer`
+    method:str|Method='gradcam', # A method's name (`list_methods()`), or a `Method`
+    layer:nn.Module|str|None=None, # For methods at a layer: the module or its dotted name; None for `default_layer`
     upsample:bool=True, # Bilinear upsampling (align_corners=False) to the input's H×W; False keeps the layer's resolution
     norm:str|None='image', # 'image': min-max per map; 'batch': one scale for the batch; None: raw values
     relu:bool=True, # Keep only positive evidence, as the papers do; False gives the signed map
+    **kwargs, # `smooth`, `noise`, `batch_size`, `act`, and the method's options: see `explain`
 )->Tensor:
     "Heatmaps (B, H, W), float32, on `xb`'s device: where `model` looked for each sample's target class"
-    return explain(model, xb, targets, method=method, layer=layer, upsample=upsample, norm=norm, relu=relu).maps
-
-# %% ../nbs/02_core.ipynb #07cbdf6b
-def show_heatmap(
-    img, # The image: a decoded `TensorImage` (C, H, W), a PIL image or an array
-    hm:Tensor, # Its heatmap (h, w); drawn stretched over the whole image
-    ax=None, # Axes to draw on (fastai's `ctx`); a new figure when None
-    alpha:float=0.6, # Opacity of the heatmap
-    cmap:str='magma', # Matplotlib colour map (magma is perceptually uniform)
-    figsize:tuple|None=None, # Size of the new figure
-    title:str|None=None, # Title of the axes
-    vmin:float|None=None, vmax:float|None=None, # Colour scale of the heatmap; the map's own range when None
-    interpolation:str='bilinear', # How matplotlib resamples the heatmap to the screen
-    **kwargs, # Passed to `show_image`
-):
-    "Draw `img` with `hm` over it; returns the axes"
-    if isinstance(img, Tensor): img = to_np((img.permute(1, 2, 0) if img.ndim == 3 and img.shape[0] < 5 else img).cpu())
-    ax = show_image(img, ax=ax, figsize=figsize, title=title, **kwargs)
-    h, w = ax.get_images()[0].get_array().shape[:2]
-    ax.imshow(to_np(hm.float()) if isinstance(hm, Tensor) else hm, alpha=alpha, extent=(0, w, h, 0), cmap=cmap,
-              interpolation=interpolation, vmin=vmin, vmax=vmax)
-    return ax
-
-# %% ../nbs/02_core.ipynb #498e5c74
-def heatmap_grid(
-    imgs, # Images, as `show_heatmap` takes them
-    maps, # One heatmap per image
-    titles:list|None=None, # One title per image
-    nrows:int|None=None, ncols:int|None=None, # Grid shape (fastai's `get_grid` defaults)
-    figsize:tuple|None=None, # Size of the figure
-    suptitle:str|None=None, # Title of the figure
-    **kwargs, # Passed to `show_heatmap` (`alpha`, `cmap`, `vmin`, `vmax`, ...)
-):
-    "Draw each image with its heatmap over it in a grid; returns the figure"
-    fig, axs = get_grid(len(maps), nrows=nrows, ncols=ncols, figsize=figsize, title=suptitle, return_fig=True)
-    for ax, img, hm, title in zip(axs, imgs, maps, titles or [None]*len(maps)): show_heatmap(img, hm, ax=ax, title=title, **kwargs)
-    return fig
+    return explain(model, xb, targets, method=method, layer=layer, upsample=upsample, norm=norm, relu=relu, **kwargs).maps

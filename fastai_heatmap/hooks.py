@@ -14,23 +14,26 @@ __all__ = ['ActivationHook']
 
 # %% ../nbs/00_hooks.ipynb #2bf2b295
 class ActivationHook:
-    "Context manager that stores `m`'s forward output in `stored`; with `grad=True`, `gradient` differentiates scores with respect to it"
+    """Context manager that stores `m`'s forward output in `stored`; with `grad=True`, `gradient` differentiates scores with respect to it.
+    With `grad=True` the graph starts at the layer: modules before it get no gradient (by design: the backward pass is only as long as what follows the layer)."""
     def __init__(self,
         m:nn.Module, # Module whose forward output is captured
         grad:bool=False, # Record the rest of the forward pass from `m`'s output, so that `gradient` can be called
     ):
         self.m,self.grad,self.stored,self.n_calls,self.removed = m,grad,None,0,False
+        self.grad_mode = torch.is_grad_enabled() # given back on `remove`: the hook switches recording on inside the forward
         self.handle = m.register_forward_hook(self.hook_fn)
 
     def hook_fn(self, m, i, o):
-        "Store the output; with `grad`, hand the rest of the model a copy of a leaf tensor that records from here on"
+        "Store the output and hand the rest of the model a copy, so that later in-place ops change the copy, never `stored`"
         self.n_calls += 1
-        if not isinstance(o, Tensor) or not self.grad:
-            self.stored = o.detach() if isinstance(o, Tensor) else o
-            return None
+        if not isinstance(o, Tensor): self.stored = o; return None
+        if not self.grad:
+            self.stored = o.detach()
+            return o.clone()
         self.stored = o.detach().requires_grad_()
-        torch.set_grad_enabled(True) # undone when the caller's `torch.no_grad()` block ends
-        return self.stored.clone() # an in-place op that follows (`ReLU(inplace=True)`) modifies the copy, not the leaf
+        torch.set_grad_enabled(True) # recording starts here, also inside the caller's `torch.no_grad()`
+        return self.stored.clone()
 
     def gradient(self,
         scores:Tensor, # Scores computed from the model's output in the forward pass that ran through the hook
@@ -43,8 +46,10 @@ class ActivationHook:
         return torch.autograd.grad(scores.sum(), self.stored, retain_graph=retain_graph)[0]
 
     def remove(self):
-        "Remove the hook from the module (safe to call twice)"
-        if not self.removed: self.handle.remove(); self.removed = True
+        "Remove the hook from the module and give back the grad mode of when it was created (safe to call twice)"
+        if self.removed: return
+        self.handle.remove(); self.removed = True
+        torch.set_grad_enabled(self.grad_mode)
 
     def __enter__(self, *args): return self
     def __exit__(self, *args): self.remove()

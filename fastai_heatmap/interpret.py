@@ -6,53 +6,45 @@ Docs: https://fastai-heatmap.github.io/fastai_heatmap/interpret.html.md"""
 
 # %% ../nbs/04_interpret.ipynb #f4b45f13
 from __future__ import annotations
-import warnings
 from typing import NamedTuple
 import numpy as np, torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 import matplotlib.pyplot as plt
 from fastcore.basics import ifnone, patch
+from fastcore.meta import delegates
 from fastcore.foundation import L
 from fastcore.xtras import is_listy
 from fastai.interpret import ClassificationInterpretation
-from fastai.losses import BCEWithLogitsLossFlat
 from fastai.torch_core import TensorImage
-from fastai.vision.data import get_grid
-from fastprogress.fastprogress import progress_bar
 from .core import *
+from .draw import *
 from .learner import *
-from .learner import _split_kw, _check_decoded, _vrange
 
 # %% auto #0
 __all__ = ['HeatmapInterpretation', 'ClassHeatmaps', 'border_mass']
 
 # %% ../nbs/04_interpret.ipynb #4023d211
-def _is_multilabel(learn):
-    "Whether `learn` is trained with a binary cross-entropy per label (multi-label, or a single-logit binary classifier)"
-    lf = learn.loss_func
-    return isinstance(lf, (BCEWithLogitsLossFlat, nn.BCEWithLogitsLoss)) or isinstance(getattr(lf, 'func', None), nn.BCEWithLogitsLoss)
-
 _targets_doc = "'pred', 'actual', 'both' or a label of the vocab"
 
 def _target_fn(interp, target):
     "A function of (preds, labels) giving the classes to explain (`target` itself when it is one), and a mask of positive labels for multi-label maps"
-    multi = _is_multilabel(interp.learn)
+    learn = interp.learn
+    multi = is_multilabel(learn)
     if callable(target): return target, None
     if isinstance(target, str) and target in ('pred', 'actual', 'both'):
         if not multi:
-            if target == 'pred':   return (lambda p, y: p.argmax(1)), None
+            if target == 'pred':   return None, None
             if target == 'actual': return (lambda p, y: y), None
             return (lambda p, y: torch.stack([p.argmax(1), y], 1)), None
         if target == 'both': raise ValueError("target='both' is for single-label classifiers; for multi-label learners use 'pred' or 'actual'.")
-        thresh = getattr(interp.learn.loss_func, 'thresh', 0.5)
         every = lambda p, y: torch.arange(p.shape[1], device=p.device).expand(len(p), -1)
-        if target == 'pred': return every, (lambda p, y: (torch.sigmoid(p) > thresh) | (p.shape[1] == 1))
+        if target == 'pred': return every, (lambda p, y: (probs_of(learn, p, interp.act) > thresh_of(learn)) | (p.shape[1] == 1))
         return every, (lambda p, y: (y > 0.5) | (p.shape[1] == 1))
-    if isinstance(target, str) and target not in list(interp.vocab):
-        raise ValueError(f"Unknown target {target!r}: use {_targets_doc} ({list(interp.vocab)}).")
-    if isinstance(target, (str, int)) and not isinstance(target, bool):
-        t = label_targets(interp.learn, target, 1)[0].item()
+    vocab = vocab_of(learn) or []
+    if isinstance(target, str) and target not in vocab: raise ValueError(f"Unknown target {target!r}: use {_targets_doc} ({vocab}).")
+    if isinstance(target, (str, int, np.integer)) and not isinstance(target, bool):
+        t = label_targets(learn, target, 1)[0].item()
         return (lambda p, y: torch.full((len(p),), t, device=p.device)), None
     raise ValueError(f"Unknown target {target!r}: use {_targets_doc}.")
 
@@ -60,30 +52,62 @@ def _target_fn(interp, target):
 class HeatmapInterpretation(ClassificationInterpretation):
     "`ClassificationInterpretation` that also shows where the model looked: top losses, classes and confusions with heatmaps"
 
-    def _items(self, idxs): return getattr(self.dl.items, 'iloc', L(self.dl.items))[idxs]
+    @classmethod
+    def from_learner(cls,
+        learn, # The learner to interpret (a vision classifier)
+        ds_idx:int=1, # Index of `learn.dls` when `dl` is None (1: the validation set)
+        dl=None, # A `DataLoader` to interpret, such as `learn.dls.test_dl(files, with_labels=True)`
+        act=None, # Override the learner's activation (outputs to probabilities)
+    ):
+        "Construct the interpretation from a learner, as fastai's, after checking that it can be"
+        check_vision_learner(learn)
+        if vocab_of(learn) is None and not is_multilabel(learn):
+            raise TypeError("HeatmapInterpretation explains classifiers, but this learner's targets have no vocab of classes (a segmentation or regression learner?). "
+                            "`learn.heatmap` explains any classifier's outputs by class index.")
+        if dl is None:
+            if ds_idx >= len(learn.dls.loaders) or len(learn.dls[ds_idx].dataset) == 0:
+                raise ValueError(f"This learner has no data in `learn.dls[{ds_idx}]` (a learner from `load_learner` keeps none). "
+                                 "Pass the items to interpret, with their labels: HeatmapInterpretation.from_learner(learn, dl=learn.dls.test_dl(files, with_labels=True)).")
+        elif len(dl.dataset) == 0: raise ValueError("The DataLoader passed as `dl` has no items.")
+        return super().from_learner(learn, ds_idx=ds_idx, dl=dl, act=act)
 
-    def _explain(self, idxs, target='pred', method='gradcam', layer=None, with_input=False, warn_small=False, **kwargs):
-        "One batched pass over the dataset items `idxs`: maps (masked to positive labels for multi-label), images, labels"
+    def items(self, idxs):
+        "The dataset items at positions `idxs` of `interp.dl`"
+        return getattr(self.dl.items, 'iloc', L(self.dl.items))[idxs]
+
+    @delegates(explain_batches, keep=True, but=['dl', 'targets', 'method', 'layer'])
+    def explain(self,
+        idxs, # Dataset indices (positions in `interp.dl`)
+        target='pred', # 'pred', 'actual', 'both' or a label: which class each map explains
+        method:str='gradcam', # A method's name (`list_methods()`)
+        layer=None, # Module or dotted name of the layer, for methods at a layer; None for `default_layer`
+        bs:int|None=None, # Batch size (the validation `DataLoader`'s by default)
+        with_input:bool=False, # Also return the decoded images (on the CPU)
+        **kwargs,
+    )->tuple:
+        "One batched pass over the items at `idxs`: their `Explanation` (maps masked to positive labels for multi-label learners), decoded images and labels"
         if isinstance(idxs, Tensor): idxs = idxs.tolist()
         idxs = list(idxs) if is_listy(idxs) or isinstance(idxs, range) else [idxs]
         n = len(self.losses)
         if not idxs: raise ValueError("No items to explain.")
-        if any(not 0 <= i < n for i in idxs): raise IndexError(f"Dataset indices must be in range({n}).")
+        if any(not isinstance(i, (int, np.integer)) or not 0 <= i < n for i in idxs): raise IndexError(f"Dataset indices must be ints in range({n}).")
+        check_bs(bs)
         fn, mask = _target_fn(self, target)
-        dl = self.learn.dls.test_dl(self._items(idxs), with_labels=True)
-        e, imgs, ys = explain_dl(self.learn, dl, fn, method=method, layer=layer, with_input=with_input, with_labels=True, warn_small=warn_small, **kwargs)
+        dl = self.learn.dls.test_dl(self.items(idxs), with_labels=True, bs=ifnone(bs, self.dl.bs), num_workers=0)
+        e, imgs, ys = explain_dl(self.learn, dl, targets=fn, method=method, layer=layer, with_input=with_input, with_labels=True, act=self.act, **kwargs)
         if mask is not None: e = e._replace(maps=e.maps * mask(e.preds, ys)[..., None, None].to(e.maps.dtype))
         return e, imgs, ys
 
+    @delegates(explain, keep=True, but=['with_input'])
     def heatmaps(self,
         idxs, # Dataset indices (positions in `interp.dl`)
         target='pred', # 'pred', 'actual', 'both' or a label: which class each map explains
-        method:str='gradcam', # 'gradcam' or 'cam'
-        layer=None, # Module or dotted name of the layer; None for the body of a fastai model
-        **kwargs, # `upsample`, `norm`, `relu` for the engine
+        method:str='gradcam', # A method's name (`list_methods()`)
+        layer=None, # Module or dotted name of the layer, for methods at a layer; None for `default_layer`
+        **kwargs,
     )->Tensor:
         "Heatmaps of the items at `idxs`: (n, H, W); (n, 2, H, W) for 'both'; (n, n_labels, H, W) for multi-label learners"
-        return self._explain(idxs, target, method=method, layer=layer, **kwargs)[0].maps
+        return self.explain(idxs, target, method=method, layer=layer, **kwargs)[0].maps
 
 # %% ../nbs/04_interpret.ipynb #267dc33d
 def _top(interp, k, largest):
@@ -100,86 +124,86 @@ def _top(interp, k, largest):
     if k > n: raise ValueError(f"`k` is {k}, but the dataset has only {n} items.")
     return interp.top_losses(int(k), largest)
 
-def _vocab_str(v, i): return str(v[i]) if v is not None else str(i)
-
 # %% ../nbs/04_interpret.ipynb #ff5713c4
 @patch
+@delegates(HeatmapInterpretation.explain, keep=True, but=['idxs', 'target', 'method', 'layer', 'with_input'])
 def plot_top_losses(self:HeatmapInterpretation,
     k, # Number of items to show, or a list or range of positions in the sorted losses
     largest:bool=True, # Largest losses first (False: smallest)
-    heatmap:bool=True, # Draw the heatmaps; False gives fastai's plain plot
-    method:str='gradcam', # 'gradcam' or 'cam'
+    heatmap:bool=True, # Draw the heatmaps; False gives fastai's plain plot (and passes `kwargs` to it)
+    method:str='gradcam', # A method's name (`list_methods()`)
     target='pred', # Map for the 'pred'icted class, the 'actual' one, 'both' side by side, or a label
-    layer=None, # Module or dotted name of the layer; None for the body of a fastai model
+    layer=None, # Module or dotted name of the layer, for methods at a layer; None for `default_layer`
     alpha:float=0.6, # Opacity of the heatmaps
     cmap:str='magma', # Matplotlib colour map
     show_text:bool=True, # Titles on the figure and cells (False for publication figures)
     figsize:tuple|None=None, # Size of the figure
-    **kwargs, # `nrows`, `ncols`; `upsample`, `norm`, `relu` for the engine; the rest to `show_heatmap`
+    nrows:int|None=None, ncols:int|None=None, # Grid shape (fastai's `get_grid` defaults)
+    **kwargs,
 ):
     "Show the top losses, each image with where the model looked; returns the figure"
     if not heatmap:
-        ClassificationInterpretation.plot_top_losses(self, k, largest, figsize=figsize, **kwargs)
+        ClassificationInterpretation.plot_top_losses(self, k, largest, figsize=figsize, nrows=nrows, ncols=ncols, **kwargs)
         return plt.gcf()
     losses, idx = _top(self, k, largest)
-    ekw, skw = _split_kw(kwargs)
-    nrows, ncols = skw.pop('nrows', None), skw.pop('ncols', None)
-    multi = _is_multilabel(self.learn)
+    learn, multi = self.learn, is_multilabel(self.learn)
     if multi and target in ('pred', 'actual'): # the label with the largest loss of each item
         target = lambda p, y: F.binary_cross_entropy_with_logits(p, y.float(), reduction='none').argmax(1)
-    e, imgs, ys = self._explain(idx, target, method=method, layer=layer, with_input=True, warn_small=True, **ekw)
-    act = self.act or getattr(self.learn.loss_func, 'activation', None) or (lambda o: o.softmax(-1))
-    probs, v = act(e.preds).float(), self.vocab
+    e, imgs, ys = self.explain(idx, target, method=method, layer=layer, with_input=True, warn_small=True, **kwargs)
+    probs = probs_of(learn, e.preds, self.act)
     maps, titles, pics = [], [], []
     for i, (l, y) in enumerate(zip(losses.tolist(), ys)):
         if multi:
             j = e.targets[i].item()
             p, a = probs[i, j].item(), int(y[j] > 0.5)
-            titles.append(f"{_vocab_str(v, j)}: {int(p > getattr(self.learn.loss_func, 'thresh', 0.5))}/{a} / {l:.2f} / {p if a else 1-p:.2f}")
+            titles.append(f"{label_of(learn, j)}: {int(p > thresh_of(learn))}/{a} / {l:.2f} / {p if a else 1-p:.2f}")
             maps.append(e.maps[i]); pics.append(imgs[i])
             continue
         pred, actual = probs[i].argmax().item(), int(y)
-        head = f"{_vocab_str(v, pred)}/{_vocab_str(v, actual)} / {l:.2f} / {probs[i, actual].item():.2f}"
+        head = f"{label_of(learn, pred)}/{label_of(learn, actual)} / {l:.2f} / {probs[i, actual].item():.2f}"
         if e.maps.ndim == 4: # 'both': where it looked for the predicted class, then for the actual one
             maps += [e.maps[i, 0], e.maps[i, 1]]; pics += [imgs[i], imgs[i]]
-            titles += [f"{head}\nmap for {_vocab_str(v, pred)}", f"map for {_vocab_str(v, actual)}"]
+            titles += [f"{head}\nmap for {label_of(learn, pred)}", f"map for {label_of(learn, actual)}"]
         else:
             maps.append(e.maps[i]); pics.append(imgs[i])
-            titles.append(head + ("" if e.targets[i].item() == pred else f"\nmap for {_vocab_str(v, e.targets[i].item())}"))
+            titles.append(head + ("" if e.targets[i].item() == pred else f"\nmap for {label_of(learn, e.targets[i].item())}"))
     if e.maps.ndim == 4 and not multi and ncols is None and nrows is None:
         pairs = int(np.ceil(np.sqrt(len(idx))))
         ncols, nrows = 2*pairs, int(np.ceil(len(idx)/pairs))
     what = 'Label: predicted/actual/Loss/Probability of the actual value' if multi else 'Prediction/Actual/Loss/Probability of the actual class'
     return heatmap_grid(pics, torch.stack(maps).cpu(), titles if show_text else None, nrows=nrows, ncols=ncols, figsize=figsize,
-                        suptitle=what if show_text else None, alpha=alpha, cmap=cmap, **_vrange(ekw), **skw)
+                        suptitle=f"{what} — {e.method}" + (f" at layer {e.layer!r}" if e.layer else "") if show_text else None,
+                        alpha=alpha, cmap=cmap, **color_range(kwargs.get('norm', 'image')))
 
 # %% ../nbs/04_interpret.ipynb #66ba8003
 @patch
+@delegates(HeatmapInterpretation.explain, keep=True, but=['idxs', 'target', 'method', 'layer', 'with_input'])
 def show_heatmaps(self:HeatmapInterpretation,
     idxs, # Dataset indices (positions in `interp.dl`)
     target='pred', # 'pred', 'actual', 'both' or a label: which class each map explains
-    method:str='gradcam', # 'gradcam' or 'cam'
-    layer=None, # Module or dotted name of the layer; None for the body of a fastai model
+    method:str='gradcam', # A method's name (`list_methods()`)
+    layer=None, # Module or dotted name of the layer, for methods at a layer; None for `default_layer`
     alpha:float=0.6, # Opacity of the heatmaps
     cmap:str='magma', # Matplotlib colour map
     figsize:tuple|None=None, # Size of the figure
-    **kwargs, # `nrows`, `ncols`; `upsample`, `norm`, `relu` for the engine; the rest to `show_heatmap`
+    nrows:int|None=None, ncols:int|None=None, # Grid shape (fastai's `get_grid` defaults)
+    **kwargs,
 ):
     "Draw the items at `idxs` with their heatmaps (each positive label's, for multi-label learners); returns the figure"
-    ekw, skw = _split_kw(kwargs)
-    e, imgs, ys = self._explain(idxs, target, method=method, layer=layer, with_input=True, warn_small=True, **ekw)
-    v, multi = self.vocab, _is_multilabel(self.learn)
+    e, imgs, ys = self.explain(idxs, target, method=method, layer=layer, with_input=True, warn_small=True, **kwargs)
+    multi = is_multilabel(self.learn)
     pics, maps, titles = [], [], []
     for i in range(len(imgs)):
         if e.maps.ndim == 3:
-            pics.append(imgs[i]); maps.append(e.maps[i]); titles.append(f"map for {_vocab_str(v, e.targets[i].item())}")
+            pics.append(imgs[i]); maps.append(e.maps[i]); titles.append(f"map for {label_of(self.learn, e.targets[i].item(), bool(e.negative[i]))}")
             continue
         cols = range(e.maps.shape[1])
         if multi: cols = [j for j in cols if e.maps[i, j].any()] or [None]
         for j in cols:
             pics.append(imgs[i]); maps.append(e.maps[i, j] if j is not None else torch.zeros_like(e.maps[i, 0]))
-            titles.append(f"map for {_vocab_str(v, e.targets[i, j].item())}" if j is not None else "no positive label")
-    return heatmap_grid(pics, torch.stack(maps).cpu(), titles, figsize=figsize, alpha=alpha, cmap=cmap, **_vrange(ekw), **skw)
+            titles.append(f"map for {label_of(self.learn, e.targets[i, j].item())}" if j is not None else "no positive label")
+    return heatmap_grid(pics, torch.stack(maps).cpu(), titles, nrows=nrows, ncols=ncols, figsize=figsize, alpha=alpha, cmap=cmap,
+                        suptitle=e.method + (f" at layer {e.layer!r}" if e.layer else ""), **color_range(kwargs.get('norm', 'image')))
 
 # %% ../nbs/04_interpret.ipynb #47086b6d
 class ClassHeatmaps(NamedTuple):
@@ -193,19 +217,21 @@ class ClassHeatmaps(NamedTuple):
     method: str # The method the maps come from
     target: str # Whether items were grouped by their 'actual' or 'pred'icted class
     border: float # Width of the border band, as a fraction of each side
+    layer: str|None = None # The layer the maps come from
 
     def show(self,
         alpha:float=0.6, # Opacity of the heatmaps
         cmap:str='magma', # Matplotlib colour map
         figsize:tuple|None=None, # Size of the figure
-        **kwargs, # `nrows`, `ncols`; the rest to `show_heatmap`
+        nrows:int|None=None, ncols:int|None=None, # Grid shape; one row of up to 6 classes by default
+        **kwargs, # Passed to `show_heatmap`
     ):
         "Each class's mean map over its mean image, titled with its share in the border band; returns the figure"
         titles = [f"{l} (n={n})\nborder {m:.0%}" for l, n, m in zip(self.labels, self.counts.tolist(), self.border_mass.tolist())]
-        sup = (f"Mean {self.method} map per {self.target} class\n"
-               f"border: share in the outer {self.border:.0%} of each side (uniform map: {self.uniform_border:.0%})")
-        if 'nrows' not in kwargs and 'ncols' not in kwargs: kwargs['ncols'] = min(len(titles), 6)
-        fig = heatmap_grid(self.images, self.maps, titles, figsize=figsize, suptitle=sup, alpha=alpha, cmap=cmap, **kwargs)
+        sup = (f"Mean {self.method} map per {self.target} class" + (f" (layer {self.layer!r})" if self.layer else "") +
+               f"\nborder: share in the outer {self.border:.0%} of each side (uniform map: {self.uniform_border:.0%})")
+        if nrows is None and ncols is None: ncols = min(len(titles), 6)
+        fig = heatmap_grid(self.images, self.maps, titles, nrows=nrows, ncols=ncols, figsize=figsize, suptitle=sup, alpha=alpha, cmap=cmap, **kwargs)
         fig.tight_layout() # room for the two-line title above the cells' titles
         return fig
 
@@ -221,58 +247,55 @@ def border_mass(maps:Tensor, border:float=0.125)->tuple:
 
 # %% ../nbs/04_interpret.ipynb #8dd4b774
 @patch
+@delegates(explain_batches, keep=True, but=['dl', 'targets', 'method', 'layer', 'norm', 'warn_small'])
 def class_heatmaps(self:HeatmapInterpretation,
-    method:str='gradcam', # 'gradcam' or 'cam'
+    method:str='gradcam', # A method's name (`list_methods()`)
     target:str='actual', # Group (and explain) by the 'actual' class or the 'pred'icted one
     max_n:int|None=None, # At most this many items per class (all when None)
-    layer=None, # Module or dotted name of the layer; None for the body of a fastai model
+    layer=None, # Module or dotted name of the layer, for methods at a layer; None for `default_layer`
     border:float=0.125, # Width of the border band, as a fraction of each side
-    **kwargs, # `upsample`, `relu` for the engine
+    norm:str|None='image', # Average maps normalized per image ('image'), or the raw maps (None)
+    **kwargs,
 )->ClassHeatmaps:
-    "Mean normalized heatmap and mean image of each class over `interp.dl`, with a progress bar, and the share of each map in the border"
+    "Mean heatmap and mean image of each class over `interp.dl`, in one pass with a progress bar, and the share of each map in the border"
     if target not in ('actual', 'pred'): raise ValueError(f"Unknown target {target!r}: class heatmaps group items by their 'actual' or 'pred'icted class.")
-    check_vision_learner(self.learn)
+    if norm not in ('image', None): raise ValueError(f"norm={norm!r}: class heatmaps average maps normalized per image ('image') or raw ones (None); "
+                                                     "one scale per batch ('batch') would differ from batch to batch.")
+    if max_n is not None and (not isinstance(max_n, (int, np.integer)) or isinstance(max_n, bool) or max_n < 1):
+        raise ValueError(f"`max_n` is the number of items per class to average, an int ≥ 1 (or None for all); got {max_n!r}.")
     fn, mask = _target_fn(self, target)
-    multi, n_cls = mask is not None, len(self.vocab)
+    multi, n_cls = mask is not None, len(vocab_of(self.learn))
     sums = cnt = img_sum = None
-    model, n_inp, mod = self.learn.model, getattr(self.dl, 'n_inp', 1), layer
-    for b in progress_bar(self.dl, leave=False):
-        xb, yb = b[0].as_subclass(Tensor), b[n_inp].as_subclass(Tensor)
-        if not isinstance(mod, nn.Module): mod = resolve_layer(model, layer, xb)[0]
-        e = explain(model, xb, lambda p: fn(p, yb), method=method, layer=mod, norm='image', **kwargs)
+    for e, xb, yb in explain_batches(self.learn, self.dl, targets=fn, method=method, layer=layer, norm=norm, act=self.act, **kwargs):
+        xb, yb = xb.as_subclass(Tensor), yb.as_subclass(Tensor)
         # (B, n_classes) weights: which class each map counts for
         w = (mask(e.preds, yb).float() if multi else F.one_hot(e.targets, n_cls).float()).to(e.maps.device)
         maps = e.maps if multi else e.maps[:, None] * w[..., None, None]
         if sums is None: sums, cnt, img_sum = maps.new_zeros(n_cls, *maps.shape[-2:]), w.new_zeros(n_cls), xb.new_zeros(n_cls, *xb.shape[1:]).float()
         if max_n is not None: w = w * ((cnt + w.cumsum(0)) <= max_n)
         sums += torch.einsum('bc,bchw->chw', w, maps)
-        img_sum += torch.einsum('bc,bkhw->ckhw', w, xb.float())
+        img_sum += torch.einsum('bc,bkhw->ckhw', w, xb.float().to(w.device))
         cnt += w.sum(0)
         if max_n is not None and (cnt >= max_n).all(): break
     n = cnt.clamp_min(1)
     mean_maps, mean_x = sums / n[:, None, None], img_sum / n[:, None, None, None]
-    imgs = _check_decoded(self.dl.decode((TensorImage(mean_x),))[0]) # decoding is affine per pixel: the mean's decoding is the decoded mean
+    imgs = check_decoded(self.dl.decode((TensorImage(mean_x),))[0]) # decoding is affine per pixel: the mean's decoding is the decoded mean
     bm, uni = border_mass(mean_maps, border)
     return ClassHeatmaps(mean_maps.cpu(), imgs.as_subclass(Tensor).cpu(), cnt.long().cpu(), bm.cpu(), uni,
-                         [_vocab_str(self.vocab, c) for c in range(n_cls)], method, target, border)
+                         [label_of(self.learn, c) for c in range(n_cls)], e.method, target, border, e.layer)
 
 # %% ../nbs/04_interpret.ipynb #406c148e
 @patch
+@delegates(HeatmapInterpretation.class_heatmaps, keep=True)
 def plot_class_heatmaps(self:HeatmapInterpretation,
-    method:str='gradcam', # 'gradcam' or 'cam'
-    target:str='actual', # Group (and explain) by the 'actual' class or the 'pred'icted one
-    max_n:int|None=None, # At most this many items per class (all when None)
-    layer=None, # Module or dotted name of the layer; None for the body of a fastai model
-    border:float=0.125, # Width of the border band, as a fraction of each side
     alpha:float=0.6, # Opacity of the heatmaps
     cmap:str='magma', # Matplotlib colour map
     figsize:tuple|None=None, # Size of the figure
-    **kwargs, # `nrows`, `ncols`; `upsample`, `relu` for the engine; the rest to `show_heatmap`
+    nrows:int|None=None, ncols:int|None=None, # Grid shape; one row of up to 6 classes by default
+    **kwargs,
 ):
     "The mean heatmap of each class over its mean image, with the share of the map in the image's border band; returns the figure"
-    ekw, skw = _split_kw(kwargs)
-    ch = self.class_heatmaps(method=method, target=target, max_n=max_n, layer=layer, border=border, **ekw)
-    return ch.show(alpha=alpha, cmap=cmap, figsize=figsize, **skw)
+    return self.class_heatmaps(**kwargs).show(alpha=alpha, cmap=cmap, figsize=figsize, nrows=nrows, ncols=ncols)
 
 # %% ../nbs/04_interpret.ipynb #0a5baedb
 @patch
@@ -286,7 +309,7 @@ def _decoded(self:HeatmapInterpretation):
 @patch
 def confusion_matrix(self:HeatmapInterpretation):
     "Confusion matrix as an `np.ndarray` (predictions computed once and reused)"
-    if _is_multilabel(self.learn): raise ValueError("A confusion matrix is for single-label classifiers; this learner is multi-label.")
+    if is_multilabel(self.learn): raise ValueError("A confusion matrix is for single-label classifiers; this learner is multi-label.")
     dec, targs = self._decoded()
     x = torch.arange(0, len(self.vocab))
     d, t = dec.flatten(), targs.flatten()
@@ -299,18 +322,18 @@ def _mean_image(imgs):
     return m if imgs.is_floating_point() else m.round().to(imgs.dtype)
 
 @patch
+@delegates(HeatmapInterpretation.explain, keep=True, but=['idxs', 'target', 'method', 'layer', 'with_input'])
 def plot_confused_heatmaps(self:HeatmapInterpretation,
     min_val:int=1, # Pairs confused at least this many times
     max_pairs:int=6, # At most this many pairs, most confused first
-    method:str='gradcam', # 'gradcam' or 'cam'
-    layer=None, # Module or dotted name of the layer; None for the body of a fastai model
+    method:str='gradcam', # A method's name (`list_methods()`)
+    layer=None, # Module or dotted name of the layer, for methods at a layer; None for `default_layer`
     alpha:float=0.6, # Opacity of the heatmaps
     cmap:str='magma', # Matplotlib colour map
     figsize:tuple|None=None, # Size of the figure
-    **kwargs, # `upsample`, `relu` for the engine; the rest to `show_heatmap`
+    **kwargs,
 ):
-    "For each most confused pair (actual → predicted): the mean map for the actual class and for the predicted one over the confused items; returns the figure"
-    ekw, skw = _split_kw(kwargs)
+    "For each most confused pair (actual → predicted): the mean map for the actual class and for the predicted one over the confused items, on one colour scale; returns the figure"
     pairs = self.most_confused(min_val)[:max_pairs]
     if not pairs:
         fig = plt.figure(figsize=figsize or (5, 1))
@@ -319,12 +342,13 @@ def plot_confused_heatmaps(self:HeatmapInterpretation,
     dec, targs = self._decoded()
     o2i = {str(c): i for i, c in enumerate(self.vocab)}
     groups = [torch.where((targs.flatten() == o2i[str(a)]) & (dec.flatten() == o2i[str(p)]))[0] for a, p, _ in pairs]
-    idxs = torch.cat(groups)
-    e, imgs, _ = self._explain(idxs, 'both', method=method, layer=layer, with_input=True, warn_small=True, norm='image', **ekw)
+    e, imgs, _ = self.explain(torch.cat(groups), 'both', method=method, layer=layer, with_input=True, warn_small=True, **kwargs)
     pics, maps, titles, i = [], [], [], 0
     for (a, p, n), g in zip(pairs, groups):
         sl = slice(i, i + len(g)); i += len(g)
         img, m = _mean_image(imgs[sl]), e.maps[sl].mean(0) # m[0]: map for the predicted class, m[1]: for the actual one
+        m = m / m.max() if m.max() > 0 else m # one colour scale for the pair
         pics += [img, img]; maps += [m[1], m[0]]
         titles += [f"actual {a} → predicted {p} ({n}×)\nwhere it looked for {a}", f"where it looked for {p}"]
-    return heatmap_grid(pics, torch.stack(maps).cpu(), titles, ncols=2, figsize=ifnone(figsize, (6, 3.2*len(pairs))), alpha=alpha, cmap=cmap, **skw)
+    return heatmap_grid(pics, torch.stack(maps).cpu(), titles, ncols=2, figsize=ifnone(figsize, (6, 3.2*len(pairs))), alpha=alpha, cmap=cmap,
+                        suptitle=f"{e.method}" + (f" at layer {e.layer!r}" if e.layer else "") + ", one colour scale per pair", vmin=0, vmax=1)

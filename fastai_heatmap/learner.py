@@ -1,4 +1,4 @@
-"""`learn.heatmap(items)` and `learn.show_cam(item)`: files, PIL images or fastai items, through the learner's own transforms
+"""`learn.heatmap(items)` and `learn.show_cam(item)`: whatever `learn.predict` takes, through the learner's own transforms
 
 Docs: https://fastai-heatmap.github.io/fastai_heatmap/learner.html.md"""
 
@@ -13,32 +13,22 @@ import numpy as np, torch
 from torch import nn, Tensor
 from PIL import Image
 from fastcore.basics import patch, ifnone
+from fastcore.meta import delegates
 from fastcore.xtras import is_listy
+from fastcore.foundation import L
 from fastai.learner import Learner
-from fastai.vision.core import PILImage
+from fastai.losses import BCEWithLogitsLossFlat
+from fastai.vision.core import PILImage, PILBase
+from fastai.torch_core import TensorImage
 from fastai.callback.fp16 import AMPMode
 from fastprogress.fastprogress import progress_bar
 from .core import *
+from .draw import *
 
 # %% auto #0
-__all__ = ['load_item', 'check_vision_learner', 'label_targets', 'explain_dl']
-
-# %% ../nbs/03_learner.ipynb #c84d453a
-def load_item(o):
-    "`o` ready for `test_dl`: an image file is opened (with a clear error when it is missing or unreadable); other items pass through"
-    if isinstance(o, (str, Path)):
-        p = Path(o)
-        if not p.exists(): raise FileNotFoundError(f"No such image file: '{p}'.")
-        if p.is_dir(): raise IsADirectoryError(f"'{p}' is a folder, not an image: pass its image files (fastai's `get_image_files` lists them).")
-        try: return PILImage.create(p)
-        except Exception as e: raise ValueError(f"Could not read '{p}' as an image ({type(e).__name__}: {e}); is the file corrupt, or not an image?") from None
-    if isinstance(o, Image.Image) and not isinstance(o, PILImage):
-        try: o.load() # a lazily opened image (`Image.open`) has no pixels yet
-        except Exception as e: raise ValueError(f"Could not read the pixels of this PIL image ({type(e).__name__}: {e}); is its file corrupt?") from None
-        return PILImage.create(o)
-    return o
-
-def _items(items): return list(items) if is_listy(items) or isinstance(items, (range, np.ndarray)) else [items]
+__all__ = ['check_vision_learner', 'is_multilabel', 'vocab_of', 'label_of', 'probs_of', 'thresh_of', 'image_type', 'as_items',
+           'load_item', 'check_bs', 'size_groups', 'label_targets', 'check_decoded', 'warn_coarse', 'explain_batches',
+           'explain_dl']
 
 # %% ../nbs/03_learner.ipynb #7dae69ac
 def check_vision_learner(learn:Learner):
@@ -50,23 +40,140 @@ def check_vision_learner(learn:Learner):
         raise TypeError(f"Heatmaps explain vision learners (a CNN over images), but this Learner's model {what}: it looks like a tabular or text model, "
                         "which has no spatial map to show.")
 
-def _vocab(learn):
-    "The learner's class labels (the targets' vocab when the `DataLoaders` have one per block)"
-    v = getattr(learn.dls, 'vocab', None)
-    return v[-1] if is_listy(v) and len(v) and is_listy(v[0]) else v
+def is_multilabel(learn:Learner)->bool:
+    "Whether `learn` is trained with a binary cross-entropy per label (multi-label, or a single-logit binary classifier)"
+    lf = learn.loss_func
+    return isinstance(lf, (BCEWithLogitsLossFlat, nn.BCEWithLogitsLoss)) or isinstance(getattr(lf, 'func', None), nn.BCEWithLogitsLoss)
 
-def label_targets(learn:Learner, targets, n:int):
-    "`targets` for `n` items as class indices: None, an int or label for all, one per item, or a list of several per item; labels are looked up in `learn.dls.vocab`"
-    if targets is None: return None
-    if isinstance(targets, Tensor): targets = targets.tolist()
-    ts = list(targets) if is_listy(targets) or isinstance(targets, np.ndarray) else [targets]*n
-    if len(ts) != n: raise ValueError(f"Got {len(ts)} targets for {n} items: pass one target for all, or one per item.")
-    vocab = _vocab(learn)
+def vocab_of(learn:Learner)->list|None:
+    "The learner's class labels (the targets' vocab, when the `DataLoaders` have one per block), or None"
+    v = getattr(learn.dls, 'vocab', None)
+    v = v[-1] if is_listy(v) and len(v) and is_listy(v[0]) else v
+    return None if v is None else list(v)
+
+def label_of(learn:Learner, i:int, negative:bool=False)->str:
+    "The label of class `i` (its index when there is no vocab); 'not …' for the negative side of a single logit"
+    v = vocab_of(learn)
+    s = str(v[i]) if v is not None and 0 <= i < len(v) else str(i)
+    return f"not {s}" if negative else s
+
+def probs_of(learn:Learner, preds:Tensor, act=None)->Tensor:
+    "The learner's probabilities for outputs `preds` (B, n_classes): `act`, else its loss function's activation, else softmax"
+    act = act or getattr(learn.loss_func, 'activation', None) or (lambda o: o.softmax(-1))
+    return act(preds).float()
+
+def thresh_of(learn:Learner)->float:
+    "The probability above which a multi-label learner predicts a label (its loss function's `thresh`, else 0.5)"
+    return getattr(learn.loss_func, 'thresh', 0.5)
+
+# %% ../nbs/03_learner.ipynb #c84d453a
+def image_type(learn:Learner)->type:
+    "The type the learner's `DataLoaders` open images as (`PILImage`, `PILImageBW`, ...)"
+    tls = getattr(getattr(learn.dls, 'valid_ds', None), 'tls', None)
+    types = getattr(tls[0], 'types', None) if tls else None
+    t = types[-1] if types else None
+    return t if isinstance(t, type) and issubclass(t, PILBase) else PILImage
+
+def as_items(items)->list:
+    "`items` as a list: a list, tuple, `L`, range, series or array of names holds several items; one image (array, tensor, PIL image, path) is one"
+    if isinstance(items, (list, tuple, L, range)): return list(items)
+    if isinstance(items, np.ndarray): return list(items) if items.dtype == object or items.dtype.kind in 'US' or items.ndim == 4 else [items]
+    if isinstance(items, Tensor) and items.ndim == 4: return list(items)
+    if hasattr(items, 'iloc') and hasattr(items, 'index') and getattr(items, 'ndim', 2) == 1: return list(items) # a pandas Series
+    return [items]
+
+def _pixels_error(o):
+    raise TypeError(f"An image given as an array or tensor should hold uint8 pixels (0 to 255), as PIL and `learn.predict` take them; got {o.dtype}. "
+                    "For floats in [0, 1]: `(x*255).round()` as uint8.")
+
+def load_item(o, learn:Learner|None=None):
+    "`o` checked and ready for `learn.dls.test_dl`: a file is checked (and read there, in its batch); an image in memory is converted to the learner's image type and mode"
+    cls = image_type(learn) if learn is not None else PILImage
+    if isinstance(o, (str, Path)):
+        p = Path(o)
+        if not p.exists(): raise FileNotFoundError(f"No such image file: '{p}'.")
+        if p.is_dir(): raise IsADirectoryError(f"'{p}' is a folder, not an image: pass its image files (fastai's `get_image_files` lists them).")
+        try:
+            with Image.open(p) as im: im.size # reads the header only
+        except Exception as e: raise ValueError(f"Could not read '{p}' as an image ({type(e).__name__}: {e}); is the file corrupt, or not an image?") from None
+        return p
+    if isinstance(o, Image.Image):
+        try: o.load() # a lazily opened image (`Image.open`) has no pixels yet
+        except Exception as e: raise ValueError(f"Could not read the pixels of this PIL image ({type(e).__name__}: {e}); is its file corrupt?") from None
+    elif isinstance(o, Tensor):
+        if o.is_floating_point(): _pixels_error(o)
+        if o.ndim == 3 and o.shape[0] in (1, 3, 4) and o.shape[-1] not in (1, 3, 4): o = TensorImage(o) # (C, H, W)
+        o = cls.create(o.cpu())
+    elif isinstance(o, np.ndarray):
+        if o.dtype.kind == 'f': _pixels_error(o)
+        o = cls.create(o.astype(np.uint8) if o.dtype != np.uint8 else o)
+    else: return o # an item of the kind the `DataLoaders` were built from
+    mode = cls._open_args.get('mode')
+    return cls.create(o.convert(mode) if mode and o.mode != mode else o)
+
+def check_bs(bs):
+    "Raise a clear error unless `bs` is a batch size (an int ≥ 1) or None"
+    if bs is not None and (not isinstance(bs, (int, np.integer)) or isinstance(bs, bool) or bs < 1): raise ValueError(f"`bs` is a batch size, an int ≥ 1; got {bs!r}.")
+
+def _raw_size(o):
+    "The (width, height) of an item before any transform, if it is an image"
+    if isinstance(o, Path):
+        with Image.open(o) as im: return im.size
+    return o.size if isinstance(o, Image.Image) else None
+
+# %% ../nbs/03_learner.ipynb #3a9c2e8f
+def size_groups(
+    learn:Learner, # A vision learner
+    items:list, # Items from `load_item`
+)->dict:
+    "The positions of `items` grouped by the size the learner's item transforms give them (one group when it resizes)"
+    shapes, groups = {}, {}
+    for i, o in enumerate(items):
+        raw = _raw_size(o)
+        if raw not in shapes:
+            if raw is None: shapes[raw] = None
+            else:
+                blank = image_type(learn)(Image.new(image_type(learn)._open_args.get('mode') or 'RGB', raw))
+                out = learn.dls.valid.after_item(blank)
+                shapes[raw] = tuple(out.shape[-2:]) if hasattr(out, 'shape') else raw[::-1]
+        groups.setdefault(shapes[raw], []).append(i)
+    return groups
+
+def _check_one_size(groups:dict, items:list):
+    if len(groups) <= 1: return
+    desc = '; '.join(f"{h}×{w} for {len(ix)} item{'s' if len(ix) > 1 else ''} (such as {str(items[ix[0]]) if isinstance(items[ix[0]], Path) else f'item {ix[0]}'})"
+                     for (h, w), ix in groups.items())
+    raise ValueError(f"These images have different sizes after the learner's item transforms ({desc}), and one batch of maps needs one size. "
+                     "Give the learner a Resize item transform, explain each size separately, or use `learn.show_cams` or the command line, which group them by size.")
+
+# %% ../nbs/03_learner.ipynb #5e9a7c30
+def label_targets(
+    learn:Learner, # The learner whose vocab names the labels
+    targets, # None, a function of (preds, labels), a label or class index for all, one per item, or a list of several per item
+    n:int, # The number of items
+):
+    "`targets` for `n` items as class indices (labels looked up in `learn.dls.vocab`), or None, or a function"
+    if targets is None or callable(targets): return targets
+    if isinstance(targets, (Tensor, np.ndarray)): targets = targets.tolist()
+    vocab = vocab_of(learn)
     def _idx(t):
-        if is_listy(t) or isinstance(t, np.ndarray): return [_idx(o) for o in t] # several classes for one item
-        if not isinstance(t, str): return int(t)
-        try: return list(vocab).index(t)
-        except (ValueError, TypeError): raise ValueError(f"Unknown label {t!r}: this learner's labels are {list(vocab) if vocab is not None else 'not available (no vocab)'}.") from None
+        if isinstance(t, str):
+            if vocab is None or t not in vocab: raise ValueError(f"Unknown label {t!r}: this learner's labels are {vocab if vocab is not None else 'not available (no vocab)'}.")
+            return vocab.index(t)
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+            raise TypeError(f"A target is a label ({vocab[:4] if vocab else '…'}) or a class index (an int); got {t!r}.")
+        if vocab is not None and all(str(v).lstrip('-').isdigit() for v in vocab) and (t >= len(vocab) or str(vocab[t]) != str(t)):
+            warnings.warn(f"targets={t} is read as the class index {t}" + (f", whose label is {vocab[t]!r}" if 0 <= t < len(vocab) else "") +
+                          f". This learner's labels are numbers ({vocab}): to name a label, pass it as a string, such as {str(vocab[-1])!r}.")
+        return int(t)
+    if not isinstance(targets, (list, tuple, L)): return torch.tensor(_idx(targets)).expand(n)
+    ts = list(targets)
+    if len(ts) != n: raise ValueError(f"Got {len(ts)} targets for {n} items: pass one target for all, or one per item.")
+    if any(isinstance(t, (list, tuple)) for t in ts):
+        if not all(isinstance(t, (list, tuple)) for t in ts) or len({len(t) for t in ts}) != 1:
+            raise ValueError("`targets` mixes items with different numbers of classes (a ragged list): give every item the same number of classes.")
+        if len(ts[0]) == 0: raise ValueError("`targets` gives each item an empty list of classes: pass at least one.")
+        return torch.tensor([[_idx(o) for o in t] for t in ts])
     return torch.tensor([_idx(t) for t in ts])
 
 # %% ../nbs/03_learner.ipynb #879d8741
@@ -76,135 +183,210 @@ def _autocast(learn, device):
     if mp is None or device.type != 'cuda': return nullcontext()
     return torch.autocast('cuda', dtype=torch.bfloat16 if mp.amp_mode == AMPMode.BF16 else torch.float16)
 
-def _check_decoded(img):
+def check_decoded(img):
+    "Raise a clear error unless `img` is a batch of decoded images (B, C, H, W) that can be drawn"
     if not (isinstance(img, Tensor) and img.ndim == 4 and img.shape[1] in (1, 3, 4)):
         got = f"{type(img).__name__} of shape {tuple(img.shape)}" if isinstance(img, Tensor) else type(img).__name__
         raise TypeError(f"The learner's inputs decode to a {got}, which cannot be drawn as an image under a heatmap. "
                         "Heatmaps need `learn.dls` to decode its inputs to images (fastai's ImageBlock does).")
     return img
 
-_finer = weakref.WeakKeyDictionary()
-def _finer_layer(model, xb):
-    "`suggest_layer`, remembered per model and input size (it costs a forward pass with every module hooked)"
-    d = _finer.setdefault(model, {})
-    if xb.shape[1:] not in d: d[xb.shape[1:]] = suggest_layer(model, xb)
-    return d[xb.shape[1:]]
+_warned = weakref.WeakKeyDictionary()
+def warn_coarse(model:nn.Module, xb:Tensor, e:Explanation, method=None, min_size:int=4):
+    "Warn, once per model, image size and layer, when `e`'s maps are smaller than `min_size`×`min_size`, naming a finer layer"
+    if e.layer is None or min(e.layer_size) >= min_size: return
+    seen = _warned.setdefault(unwrap_model(model), set())
+    key = (tuple(xb.shape[1:]), e.layer)
+    if key in seen: return
+    seen.add(key)
+    finer = default_layer(model, xb.as_subclass(Tensor), min_size)
+    if finer == e.layer: hint = " No layer of this model gives larger maps at this size."
+    elif method is not None and get_method(method).min_size < min_size: hint = f" This method is only defined at that layer; method='gradcam' can explain the finer layer {finer!r}."
+    else: hint = f" A finer layer is {finer!r}: pass layer={finer!r}."
+    warnings.warn(f"Layer {e.layer!r} gives {e.layer_size[0]}×{e.layer_size[1]} maps for {xb.shape[-2]}×{xb.shape[-1]} images, too coarse to show much.{hint}")
 
-def explain_dl(
+def _bar(learn): return getattr(learn, 'progress', None) is not None # `learn.no_bar()` removes it
+
+def _batches(learn, dl):
+    "The batches of `dl`, with a progress bar (unless `learn.no_bar()`) and a clear error when one cannot be loaded"
+    it = iter(progress_bar(dl, leave=False) if _bar(learn) and len(dl) > 1 else dl)
+    while True:
+        try: b = next(it)
+        except StopIteration: return
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ValueError(f"Could not load a batch of images ({type(e).__name__}: {e}); is one of the files corrupt? "
+                             "`fastai-heatmap explain` skips unreadable files and reports them.") from None
+        yield b
+
+@delegates(explain, keep=True, but=['model', 'xb', 'targets', 'method', 'layer'])
+def explain_batches(
     learn:Learner, # A vision learner
     dl, # A `DataLoader` of `learn.dls` (such as `learn.dls.test_dl(items)`)
     targets=None, # None for the predictions; a class index for all; a tensor with one (or several) per item; or a function of (preds, labels)
-    method:str='gradcam', # 'gradcam' or 'cam'
-    layer=None, # Module or dotted name of the layer; None for the body of a fastai model
+    method:str='gradcam', # A method's name (`list_methods()`)
+    layer=None, # Module or dotted name of the layer, for methods at a layer; None for `default_layer`
+    warn_small:bool=False, # Warn (once) when the layer's maps are smaller than 4×4
+    **kwargs,
+):
+    "For each batch of `dl`: its `Explanation`, its input batch and its labels (None without labels)"
+    check_vision_learner(learn)
+    model, n_inp, mod, i = unwrap_model(learn.model), getattr(dl, 'n_inp', 1), layer, 0
+    device = next(model.parameters()).device
+    for b in _batches(learn, dl):
+        xb, yb = b[0], (b[n_inp] if len(b) > n_inp else None)
+        meth = get_method(method)
+        if meth.uses_layer and not isinstance(mod, nn.Module): mod = resolve_layer(model, layer, xb.as_subclass(Tensor), meth.min_size)[0]
+        tg = (lambda p, yb=yb: targets(p, yb)) if callable(targets) else targets[i:i+len(xb)] if isinstance(targets, Tensor) and targets.ndim else targets
+        with _autocast(learn, device): e = explain(model, xb, tg, method=method, layer=mod, **{'bar': _bar(learn), **kwargs})
+        if warn_small: warn_coarse(model, xb, e, meth)
+        i += len(xb)
+        yield e, xb, yb
+
+@delegates(explain_batches, keep=True)
+def explain_dl(
+    learn:Learner, # A vision learner
+    dl, # A `DataLoader` of `learn.dls` (such as `learn.dls.test_dl(items)`)
     with_input:bool=False, # Also return the decoded images (on the CPU, for showing)
     with_labels:bool=False, # Also return the labels `dl` yields after the inputs
-    warn_small:bool=False, # Warn when the layer's maps are smaller than 4×4
-    **kwargs, # `upsample`, `norm`, `relu`: passed to the engine `explain`
-):
-    "`Explanation` of all of `dl`, batch by batch through the engine (with a progress bar), and the decoded images and labels if asked"
-    check_vision_learner(learn)
-    model, n_inp = learn.model, getattr(dl, 'n_inp', 1)
-    res, imgs, ys, mod, i = [], [], [], layer, 0
-    for b in (progress_bar(dl, leave=False) if len(dl) > 1 else dl):
-        xb = b[0]
-        yb = b[n_inp] if with_labels else None
-        if not isinstance(mod, nn.Module): mod = resolve_layer(model, layer, xb.as_subclass(Tensor))[0]
-        tg = (lambda p, yb=yb: targets(p, yb)) if callable(targets) else targets[i:i+len(xb)] if isinstance(targets, Tensor) and targets.ndim else targets
-        with _autocast(learn, next(model.parameters()).device):
-            e = explain(model, xb, tg, method=method, layer=mod, **kwargs)
-        if warn_small and i == 0 and min(e.layer_size) < 4:
-            finer = _finer_layer(model, xb.as_subclass(Tensor))
-            hint = f" A finer layer is {finer!r}: pass layer={finer!r}." if finer else ""
-            warnings.warn(f"Layer {e.layer!r} gives {e.layer_size[0]}×{e.layer_size[1]} maps for {xb.shape[-2]}×{xb.shape[-1]} images, too coarse to show much.{hint}")
+    **kwargs,
+)->tuple:
+    "The `Explanation` of all of `dl`, and the decoded images and labels if asked"
+    res, imgs, ys = [], [], []
+    for e, xb, yb in explain_batches(learn, dl, **kwargs):
         res.append(e)
-        if with_input: imgs.append(_check_decoded(dl.decode((xb,))[0]))
+        if with_input: imgs.append(check_decoded(dl.decode((xb,))[0]).as_subclass(Tensor).cpu())
         if with_labels: ys.append(yb.as_subclass(Tensor))
-        i += len(xb)
-    e = Explanation(*(torch.cat([getattr(o, f) for o in res]) for f in ('maps', 'preds', 'targets')), res[0].layer, res[0].layer_size)
+    if not res: raise ValueError("The DataLoader has no items to explain.")
+    e = res[0]._replace(**{f: torch.cat([getattr(o, f) for o in res]) for f in ('maps', 'preds', 'targets', 'negative')})
     return e, (torch.cat(imgs) if with_input else None), (torch.cat(ys) if with_labels else None)
 
 # %% ../nbs/03_learner.ipynb #158f59e8
 @patch
+@delegates(explain_batches, keep=True, but=['dl', 'targets', 'method', 'layer'])
 def explain(self:Learner,
-    items, # Image files, PIL images, or items of the kind `learn.dls` was built from
-    targets=None, # None for the predicted classes; a class (index or label) for all; or one per item
-    method:str='gradcam', # 'gradcam' or 'cam'
-    layer=None, # Module or dotted name of the layer; None for the body of a fastai model
+    items, # Image files, PIL images, arrays, tensor images, or items of the kind `learn.dls` was built from
+    targets=None, # None for the predicted classes; a class (label or index) for all; one per item; or several per item
+    method:str='gradcam', # A method's name (`list_methods()`)
+    layer=None, # Module or dotted name of the layer, for methods at a layer; None for `default_layer`
     bs:int|None=None, # Batch size (the validation `DataLoader`'s by default)
     with_input:bool=False, # Also return the decoded images (on the CPU, for showing)
-    **kwargs, # `warn_small`, and `upsample`, `norm`, `relu` of the engine
+    **kwargs,
 ):
     "`Explanation` of `items` (maps, preds, targets on the model's device), batched through `learn.dls.test_dl`"
     check_vision_learner(self)
-    items = [load_item(o) for o in _items(items)]
-    if not items: raise ValueError("No items to explain.")
+    items = [load_item(o, self) for o in as_items(items)]
+    if not items: raise ValueError("No items to explain: pass an image file, an image, or a list of them.")
+    check_bs(bs)
+    _check_one_size(size_groups(self, items), items)
     tg = label_targets(self, targets, len(items))
-    e, imgs, _ = explain_dl(self, self.dls.test_dl(items, bs=ifnone(bs, self.dls.valid.bs)), tg, method=method, layer=layer, with_input=with_input, **kwargs)
+    dl = self.dls.test_dl(items, bs=ifnone(bs, self.dls.valid.bs), num_workers=0)
+    e, imgs, _ = explain_dl(self, dl, targets=tg, method=method, layer=layer, with_input=with_input, **kwargs)
     return (e, imgs) if with_input else e
 
 # %% ../nbs/03_learner.ipynb #3a4ad6e4
 @patch
+@delegates(Learner.explain, keep=True, but=['with_input'])
 def heatmap(self:Learner,
-    items, # Image files, PIL images, or items of the kind `learn.dls` was built from
-    targets=None, # None for the predicted classes; a class (index or label) for all; or one per item
-    method:str='gradcam', # 'gradcam' or 'cam'
-    layer=None, # Module or dotted name of the layer; None for the body of a fastai model
-    **kwargs, # `bs`, and `upsample`, `norm`, `relu` of the engine
+    items, # Image files, PIL images, arrays, tensor images, or items of the kind `learn.dls` was built from
+    targets=None, # None for the predicted classes; a class (label or index) for all; or one per item
+    method:str='gradcam', # A method's name (`list_methods()`)
+    layer=None, # Module or dotted name of the layer, for methods at a layer; None for `default_layer`
+    **kwargs,
 )->Tensor:
     "Heatmaps (N, H, W) of `items`, on the learner's device"
     return self.explain(items, targets, method=method, layer=layer, **kwargs).maps
 
 # %% ../nbs/03_learner.ipynb #ea1a3048
-_engine_kw = ('upsample', 'norm', 'relu', 'bs')
+def _where(e:Explanation)->str:
+    "What the maps are: the method, and the layer"
+    return e.method + (f" at layer {e.layer!r}" if e.layer is not None else "")
 
-def _split_kw(kwargs):
-    return {k:v for k,v in kwargs.items() if k in _engine_kw}, {k:v for k,v in kwargs.items() if k not in _engine_kw}
+def _empty(m:Tensor)->bool: return not bool(m.abs().amax() > 0)
 
-def _vrange(ekw):
-    "Normalized maps are drawn on one fixed scale, 0 to 1; raw ones on their own range"
-    return dict(vmin=0, vmax=1) if ekw.get('norm', 'image') is not None else dict(vmin=None, vmax=None)
+def _cells(learn, e, probs):
+    "(item, map, title) of each picture: the prediction's map, or for multi-label learners one per predicted label"
+    res = []
+    multi = is_multilabel(learn) and e.preds.shape[1] > 1
+    for i in range(len(e.preds)):
+        if multi:
+            pos = torch.where(probs[i] > thresh_of(learn))[0].tolist()
+            if not pos:
+                j = probs[i].argmax().item()
+                res.append((i, None, f"no label predicted\n(top: {label_of(learn, j)} {probs[i, j]:.2f})"))
+            for j in pos: res.append((i, e.maps[i, j], f"{label_of(learn, j)} ({probs[i, j]:.2f})" + ("\nno positive evidence" if _empty(e.maps[i, j]) else "")))
+            continue
+        t, neg = e.targets[i].item(), bool(e.negative[i])
+        if e.preds.shape[1] == 1: pred, p = label_of(learn, 0, e.preds[i, 0] < 0), (probs[i, 0] if e.preds[i, 0] >= 0 else 1 - probs[i, 0])
+        else: p, pred = probs[i].max(), label_of(learn, probs[i].argmax().item())
+        title = f"{pred} ({p:.2f})"
+        if label_of(learn, t, neg) != pred: title += f"\nmap for {label_of(learn, t, neg)}"
+        if _empty(e.maps[i]): title += "\nno positive evidence"
+        res.append((i, e.maps[i], title))
+    return res
 
-def _cam_titles(learn, e):
-    "'label (probability)' of each prediction, and the class explained when it is not the prediction"
-    probs = getattr(learn.loss_func, 'activation', lambda o: o.softmax(-1))(e.preds)
-    pred = probs.argmax(-1)
-    vocab = _vocab(learn)
-    lbl = (lambda i: str(vocab[i])) if vocab is not None else str
-    return [f"{lbl(p)} ({probs[j, p]:.2f})" + ("" if t == p else f"\nmap for {lbl(t)}") for j, (p, t) in enumerate(zip(pred.tolist(), e.targets.tolist()))]
+def _explain_shown(learn, items, targets, method, layer, **kwargs):
+    "Explanations and decoded images of items to draw, a group per image size; for multi-label learners, every label"
+    items = [load_item(o, learn) for o in as_items(items)]
+    if not items: raise ValueError("No items to show: pass an image file, an image, or a list of them.")
+    tg = label_targets(learn, targets, len(items))
+    if targets is None and is_multilabel(learn): tg = lambda p: torch.arange(p.shape[1], device=p.device).expand(len(p), -1)
+    res = [None]*len(items)
+    for ix in size_groups(learn, items).values():
+        t = tg[ix] if isinstance(tg, Tensor) else tg
+        e, imgs = learn.explain([items[i] for i in ix], t, method=method, layer=layer, with_input=True, warn_small=True, **kwargs)
+        for j, i in enumerate(ix): res[i] = (e, j, imgs[j])
+    return res
 
 # %% ../nbs/03_learner.ipynb #13000188
 @patch
+@delegates(Learner.explain, keep=True, but=['targets', 'with_input', 'bs'])
 def show_cam(self:Learner,
-    item, # An image file, a PIL image, or an item of the kind `learn.dls` was built from
-    target=None, # Class to explain (index or label); the predicted one when None
-    method:str='gradcam', # 'gradcam' or 'cam'
-    layer=None, # Module or dotted name of the layer; None for the body of a fastai model
+    item, # An image file, a PIL image, an array, or an item of the kind `learn.dls` was built from
+    target=None, # Class to explain (label or index); the predicted one when None
+    method:str='gradcam', # A method's name (`list_methods()`)
+    layer=None, # Module or dotted name of the layer, for methods at a layer; None for `default_layer`
     alpha:float=0.6, # Opacity of the heatmap
     cmap:str='magma', # Matplotlib colour map
     ax=None, # Axes to draw on; a new figure when None
     figsize:tuple|None=None, # Size of the new figure
-    **kwargs, # `upsample`, `norm`, `relu` for the engine; the rest to `show_heatmap`
+    colorbar:bool=False, # Draw a colour bar beside the map
+    **kwargs,
 ):
-    "Draw `item` (decoded) with its heatmap over it, titled with the prediction and its probability; returns the axes"
-    ekw, skw = _split_kw(kwargs)
-    e, imgs = self.explain([item], None if target is None else [target], method=method, layer=layer, with_input=True, warn_small=True, **ekw)
-    return show_heatmap(imgs[0], e.maps[0], ax=ax, alpha=alpha, cmap=cmap, figsize=figsize, title=_cam_titles(self, e)[0], **_vrange(ekw), **skw)
+    "Draw `item` (decoded) with its heatmap over it, titled with the prediction and its probability; returns the axes (a list of them for a multi-label learner)"
+    if isinstance(item, (list, L)): raise TypeError("`show_cam` draws one item; for several, use `learn.show_cams`.")
+    (e, j, img), = _explain_shown(self, [item], None if target is None else [target], method, layer, **kwargs)
+    e = e._replace(maps=e.maps[j:j+1], preds=e.preds[j:j+1], targets=e.targets[j:j+1], negative=e.negative[j:j+1])
+    cells = _cells(self, e, probs_of(self, e.preds))
+    kw = dict(alpha=alpha, cmap=cmap, colorbar=colorbar, **color_range(kwargs.get('norm', 'image')))
+    if len(cells) == 1:
+        _, m, title = cells[0]
+        ax = show_heatmap(img, m if m is not None else torch.zeros(img.shape[-2:]), ax=ax, figsize=figsize, title=f"{title}\n{_where(e)}", **kw)
+        if m is None: ax.get_images()[-1].set_alpha(0)
+        return ax
+    fig = heatmap_grid([img]*len(cells), [m for _, m, _ in cells], [t for *_, t in cells], nrows=1, figsize=figsize, suptitle=_where(e), **kw)
+    return [a for a in fig.axes if a.get_images()]
 
 # %% ../nbs/03_learner.ipynb #36f658e1
 @patch
+@delegates(Learner.explain, keep=True, but=['with_input'])
 def show_cams(self:Learner,
-    items, # Image files, PIL images, or items of the kind `learn.dls` was built from
-    targets=None, # None for the predicted classes; a class (index or label) for all; or one per item
-    method:str='gradcam', # 'gradcam' or 'cam'
-    layer=None, # Module or dotted name of the layer; None for the body of a fastai model
+    items, # Image files, PIL images, arrays, or items of the kind `learn.dls` was built from
+    targets=None, # None for the predicted classes; a class (label or index) for all; or one per item
+    method:str='gradcam', # A method's name (`list_methods()`)
+    layer=None, # Module or dotted name of the layer, for methods at a layer; None for `default_layer`
     alpha:float=0.6, # Opacity of the heatmaps
     cmap:str='magma', # Matplotlib colour map
     nrows:int|None=None, ncols:int|None=None, # Grid shape (fastai's `get_grid` defaults)
     figsize:tuple|None=None, # Size of the figure
-    **kwargs, # `upsample`, `norm`, `relu`, `bs` for the engine; the rest to `show_heatmap`
+    colorbar:bool=False, # Draw a colour bar beside each map
+    **kwargs,
 ):
-    "`show_cam` for many items in one batched pass, as a grid; returns the figure"
-    ekw, skw = _split_kw(kwargs)
-    e, imgs = self.explain(items, targets, method=method, layer=layer, with_input=True, warn_small=True, **ekw)
-    return heatmap_grid(imgs, e.maps.cpu(), _cam_titles(self, e), nrows=nrows, ncols=ncols, figsize=figsize,
-                        alpha=alpha, cmap=cmap, **_vrange(ekw), **skw)
+    "`show_cam` for many items, batched (a batch per image size), as a grid; returns the figure"
+    shown = _explain_shown(self, items, targets, method, layer, **kwargs)
+    pics, maps, titles = [], [], []
+    for e, j, img in shown:
+        one = e._replace(maps=e.maps[j:j+1], preds=e.preds[j:j+1], targets=e.targets[j:j+1], negative=e.negative[j:j+1])
+        for _, m, t in _cells(self, one, probs_of(self, one.preds)):
+            pics.append(img); maps.append(m if m is not None else torch.full(img.shape[-2:], float('nan'))); titles.append(t)
+    return heatmap_grid(pics, maps, titles, nrows=nrows, ncols=ncols, figsize=figsize, suptitle=_where(shown[0][0]),
+                        alpha=alpha, cmap=cmap, colorbar=colorbar, **color_range(kwargs.get('norm', 'image')))
