@@ -6,7 +6,7 @@ Docs: https://fastai-heatmap.github.io/fastai_heatmap/core.html.md"""
 
 # %% ../nbs/02_core.ipynb #09b085ff
 from __future__ import annotations
-import difflib, importlib, inspect, re, warnings, weakref
+import difflib, functools, importlib, inspect, re, warnings, weakref
 from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 import numpy as np, pandas as pd, torch
@@ -197,6 +197,8 @@ class Context:
     ):
         store_attr()
         self.acts = self.preds = self.targets = self.negative = self.hook = self.xg = None
+        dev = x.device.type
+        self.amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) if dev in ('cpu', 'cuda') else None
         self.cache = {} # for what a method computes once for every target column (e.g. ScoreCAM's masked scores)
         self._grads = {}
 
@@ -249,18 +251,23 @@ class Context:
         pb.comment = what
         return pb
 
+    def autocast(self):
+        "The caller's autocast state, for the model's forward passes (the maps' own math runs without it)"
+        dev = self.x.device.type
+        return torch.autocast(dev, dtype=self.amp[1], enabled=self.amp[0]) if self.amp else nullcontext()
+
     def run(self, xs:Tensor)->Tensor:
         "The model's outputs (N, n_classes), float32, for inputs `xs` (one forward pass, no gradient)"
-        with torch.no_grad(): return self.model(xs.to(self.x.dtype)).float()
+        with torch.no_grad(), self.autocast(): return self.model(xs.to(self.x.dtype)).float()
 
     def run_with_layer(self, rows:Tensor, acts:Tensor)->Tensor:
         "The model's outputs (N, n_classes) for the samples `rows`, with the layer's output replaced by `acts` (N, K, h, w)"
-        with ReplaceOutput(self.layer, acts.to(self.act_dtype)), torch.no_grad(): return self.model(self.x[rows]).float()
+        with ReplaceOutput(self.layer, acts.to(self.act_dtype)), torch.no_grad(), self.autocast(): return self.model(self.x[rows]).float()
 
     def input_grads_of(self, xs:Tensor, rows:Tensor, rule=None)->Tensor:
         "∂score/∂x (N, C, H, W) at inputs `xs`, for the targets of samples `rows`, under the backward `rule` (a context manager) if given"
         xg = xs.detach().to(self.x.dtype).requires_grad_()
-        with torch.enable_grad(), (rule or nullcontext()): out = self.model(xg)
+        with torch.enable_grad(), self.autocast(), (rule or nullcontext()): out = self.model(xg)
         return torch.autograd.grad(self.score(out, rows).sum(), xg)[0].float()
 
 # %% ../nbs/02_core.ipynb #6e2d1b55
@@ -290,11 +297,13 @@ def _layer_map(h:ActivationHook, name:str)->Tensor:
 class LayerMethod(Method):
     "A map at a layer, from its activations `A` (and `∂y_c/∂A` when `needs_grad`): `combine(weights(ctx))`"
     family, uses_layer, needs_grad = 'cam', True, True
+    @property
+    def smoothing(self): return 'input' if self.needs_grad else None # gradient methods average over noisy inputs
     def forward(self, ctx):
         with ActivationHook(ctx.layer, grad=self.needs_grad) as h:
-            with torch.no_grad(): out = ctx.model(ctx.x)
+            with torch.no_grad(), ctx.autocast(): out = ctx.model(ctx.x)
         a = _layer_map(h, ctx.layer_name)
-        if self.needs_grad and not (isinstance(out, Tensor) and out.requires_grad):
+        if self.needs_grad and isinstance(out, Tensor) and not out.requires_grad:
             raise ValueError(f"The model's output does not depend on layer {ctx.layer_name!r}: choose a layer on the path to the output.")
         ctx.hook, ctx.act_dtype, ctx.acts = h, a.dtype, a.detach().float()
         return out
@@ -330,7 +339,7 @@ class InputGradientMethod(Method):
         return nullcontext()
     def forward(self, ctx):
         ctx.xg = ctx.x.detach().requires_grad_()
-        with torch.enable_grad(), self.backward_rule(): return ctx.model(ctx.xg)
+        with torch.enable_grad(), ctx.autocast(), self.backward_rule(): return ctx.model(ctx.xg)
     def attribute(self, ctx:Context)->Tensor:
         "The attribution (B, C, H, W): the gradient of the score with respect to the input"
         return ctx.input_grads
@@ -339,8 +348,7 @@ class InputGradientMethod(Method):
 class PerturbationMethod(Method):
     "A map from how the scores change when the input is modified: `map` runs the model on modified inputs with `ctx.run`"
     family, uses_layer = 'perturbation', False
-    def forward(self, ctx):
-        with torch.no_grad(): return ctx.model(ctx.x)
+    def forward(self, ctx): return ctx.run(ctx.x)
 
 # %% ../nbs/02_core.ipynb #9f3c1c2e
 _methods = {} # normalized name → class
@@ -361,8 +369,10 @@ def register_method(*names):
 def _load_builtins():
     for m in _builtin_modules: importlib.import_module(f'fastai_heatmap.{m}') # they build on this module, so they are imported when first needed
 
+@functools.lru_cache(maxsize=None)
 def _options(cls)->dict:
     "The options of a method: its `__init__`'s keyword arguments and their defaults"
+    if cls.__init__ is object.__init__: return {}
     return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != 'self' and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 def method_names(family:str|None=None)->list:
@@ -438,13 +448,20 @@ def _model_place(model, xb):
     p = next((p for p in model.parameters() if p.is_floating_point()), None)
     return (xb.device, xb.dtype) if p is None else (p.device, p.dtype)
 
+def _check_channels(model, x, e:RuntimeError):
+    "After the model failed on `x` with `e`: a clear error if the batch has the wrong number of channels"
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is not None and 'channels' in str(e) and conv.in_channels != x.shape[1]:
+        raise ValueError(f"The model's first convolution takes {conv.in_channels}-channel images, but this batch has {x.shape[1]} channels. "
+                         "Pass images the way the model was trained on them (`learn.heatmap` opens items with the learner's own image type).") from None
+
 def _check_smooth(meth, smooth, noise):
     if smooth in (None, False, 0): return 0
     if isinstance(smooth, bool): smooth = 20
     if not isinstance(smooth, (int, np.integer)) or smooth < 0: raise ValueError(f"`smooth` is the number of noisy samples to average, an int ≥ 1 (or 0 for none); got {smooth!r}.")
     if meth.smoothing is None:
-        raise ValueError(f"`smooth` averages over noisy inputs for gradient methods (SmoothGrad) and over noisy masks for ScoreCAM (SS-CAM); method {meth.name!r} uses neither. "
-                         f"Methods it applies to: {', '.join(n for n in method_names() if _methods[_key(n)].smoothing)}.")
+        raise ValueError(f"`smooth` averages over noisy inputs for methods that use gradients (SmoothGrad) and over noisy masks for ScoreCAM (SS-CAM); method {meth.name!r} uses neither. "
+                         f"Methods it applies to: {', '.join(n for n in method_names() if get_method(n).smoothing)}.")
     if not (isinstance(noise, (int, float)) and noise > 0): raise ValueError(f"`noise` is the noise's standard deviation as a fraction of the input's range, a number > 0; got {noise!r}.")
     return int(smooth)
 
@@ -469,6 +486,7 @@ def _smoothed(meth, ctx, tg, neg, smooth, noise, generator)->Tensor:
         rows, k = idx % n, idx // n
         xs = (x[rows].float() + noise * rng[rows, None, None, None] * eps[k]).to(x.dtype)
         sub = Context(ctx.model, xs, ctx.layer, ctx.layer_name, ctx.batch_size, ctx.act, bar=False)
+        sub.amp = ctx.amp
         sub.out = _check_preds(meth.forward(sub), len(xs))
         sub.preds = sub.out.detach().float()
         m = _columns(meth, sub, tg[rows], neg[rows])
@@ -509,9 +527,12 @@ def explain(
     grad_mode = torch.is_grad_enabled()
     try:
         with eval_mode(model), torch.inference_mode(False):
-            mod, name = resolve_layer(model, layer, x, meth.min_size) if meth.uses_layer else (None, None)
-            ctx = Context(model, x, mod, name, int(batch_size), act, smooth, noise, gen, bar)
-            ctx.out = out = _check_preds(meth.forward(ctx), len(x))
+            try:
+                mod, name = resolve_layer(model, layer, x, meth.min_size) if meth.uses_layer else (None, None)
+                ctx = Context(model, x, mod, name, int(batch_size), act, smooth, noise, gen, bar)
+                out = meth.forward(ctx)
+            except RuntimeError as e: _check_channels(model, x, e); raise
+            ctx.out = out = _check_preds(out, len(x))
             ctx.preds = preds = out.detach().float()
             tg, neg = resolve_targets(targets, preds)
             with torch.autocast(device.type, enabled=False): # the maps' own math is float32, whatever the model's

@@ -265,7 +265,7 @@ def explain_dl(
 @delegates(explain_batches, keep=True, but=['dl', 'targets', 'method', 'layer'])
 def explain(self:Learner,
     items, # Image files, PIL images, arrays, tensor images, or items of the kind `learn.dls` was built from
-    targets=None, # None for the predicted classes; a class (label or index) for all; one per item; or several per item
+    targets=None, # None for the predicted classes; a class (label or index) for all; one per item; several per item; or a function of the predictions
     method:str='gradcam', # A method's name (`list_methods()`)
     layer=None, # Module or dotted name of the layer, for methods at a layer; None for `default_layer`
     bs:int|None=None, # Batch size (the validation `DataLoader`'s by default)
@@ -279,6 +279,7 @@ def explain(self:Learner,
     check_bs(bs)
     _check_one_size(size_groups(self, items), items)
     tg = label_targets(self, targets, len(items))
+    if callable(tg): tg = lambda p, y, f=tg: f(p) # a function of the predictions, as in the engine
     dl = self.dls.test_dl(items, bs=ifnone(bs, self.dls.valid.bs), num_workers=0)
     e, imgs, _ = explain_dl(self, dl, targets=tg, method=method, layer=layer, with_input=with_input, **kwargs)
     return (e, imgs) if with_input else e
@@ -326,6 +327,7 @@ def _cells(learn, e, probs):
 
 def _explain_shown(learn, items, targets, method, layer, **kwargs):
     "Explanations and decoded images of items to draw, a group per image size; for multi-label learners, every label"
+    check_vision_learner(learn)
     items = [load_item(o, learn) for o in as_items(items)]
     if not items: raise ValueError("No items to show: pass an image file, an image, or a list of them.")
     tg = label_targets(learn, targets, len(items))

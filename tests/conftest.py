@@ -1,5 +1,6 @@
-import warnings
+import shutil, warnings
 import pytest, torch
+from pathlib import Path
 from torch import nn
 
 warnings.filterwarnings('ignore', category=FutureWarning)
@@ -14,15 +15,18 @@ def model_state(model: nn.Module):
         grads=[None if p.grad is None else p.grad.clone() for p in model.parameters()],
         hooks=[len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
                + len(getattr(m, '_backward_pre_hooks', {})) for m in model.modules()],
+        global_hooks=len(nn.modules.module._global_forward_hooks) + len(nn.modules.module._global_backward_hooks),
         params=[p.detach().clone() for p in model.parameters()],
         buffers=[b.detach().clone() for b in model.buffers()],
+        grad_mode=torch.is_grad_enabled(),
     )
 
 
 def assert_same_state(a, b):
     assert a['training'] == b['training']
     assert a['requires_grad'] == b['requires_grad']
-    assert a['hooks'] == b['hooks']
+    assert a['hooks'] == b['hooks'] and a['global_hooks'] == b['global_hooks']
+    assert a['grad_mode'] == b['grad_mode']
     assert len(a['grads']) == len(b['grads'])
     for g, h in zip(a['grads'], b['grads']):
         assert (g is None) == (h is None)
@@ -30,8 +34,26 @@ def assert_same_state(a, b):
     for x, y in zip(a['params'] + a['buffers'], b['params'] + b['buffers']): assert torch.equal(x, y)
 
 
+def fast_options(name):
+    "Options that keep a method quick on small test models (the defaults are for real images)"
+    return dict(integrated_gradients=dict(steps=8), occlusion=dict(window=8, stride=8)).get(name, {})
+
+
 @pytest.fixture(scope='session')
 def demo():
     "The demo learner (trained once, then cached by `demo_learner`)"
     from fastai_heatmap.data import demo_learner
     return demo_learner()
+
+
+@pytest.fixture(scope='session')
+def mislabeled(demo, tmp_path_factory):
+    """A labelled `DataLoader` of validation images where every fifth image sits in the folder of another class:
+    the demo model is so accurate that its own validation set may have no mistake, and views of mistakes need some"""
+    d = tmp_path_factory.mktemp('mislabeled')
+    vocab, files = list(demo.dls.vocab), []
+    for i, f in enumerate(demo.dls.valid_ds.items[:60]):
+        lbl = f.parent.name if i % 5 else vocab[(vocab.index(f.parent.name) + 1) % len(vocab)]
+        (d/lbl).mkdir(exist_ok=True)
+        files.append(Path(shutil.copy(f, d/lbl/f.name)))
+    return demo.dls.test_dl(files, with_labels=True)

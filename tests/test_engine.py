@@ -4,7 +4,7 @@ import pytest, torch, torchvision
 import torch.nn.functional as F
 from torch import nn
 from fastai.vision.all import create_vision_model, resnet18, xresnet18
-from fastai_heatmap.core import heatmap, explain, default_layer, resolve_layer
+from fastai_heatmap.core import heatmap, explain, default_layer, resolve_layer, method_names
 from conftest import model_state, assert_same_state
 
 N_OUT = 5
@@ -24,11 +24,11 @@ def _randomize_bn_stats(model, seed=0):
 
 
 def build(name):
-    "(model, layer to pass, whether CAM applies) for each architecture of the matrix"
+    "(model, the layer before the pooling, whether CAM applies) for each architecture of the matrix"
     torch.manual_seed(0)
-    if name == 'fastai_default':    m, layer, cam = create_vision_model(resnet18, N_OUT, pretrained=False), None, False
-    elif name == 'fastai_avg_linear': m, layer, cam = create_vision_model(resnet18, N_OUT, pretrained=False, concat_pool=False, lin_ftrs=[]), None, True
-    elif name == 'xresnet18':       m, layer, cam = create_vision_model(xresnet18, N_OUT, pretrained=False), None, False
+    if name == 'fastai_default':    m, layer, cam = create_vision_model(resnet18, N_OUT, pretrained=False), '0', False
+    elif name == 'fastai_avg_linear': m, layer, cam = create_vision_model(resnet18, N_OUT, pretrained=False, concat_pool=False, lin_ftrs=[]), '0', True
+    elif name == 'xresnet18':       m, layer, cam = create_vision_model(xresnet18, N_OUT, pretrained=False), '0', False
     elif name == 'torchvision':     m, layer, cam = torchvision.models.resnet18(num_classes=N_OUT), 'layer4', True
     return _randomize_bn_stats(m), layer, cam
 
@@ -52,6 +52,7 @@ def test_matrix(models, name, method, bs):
     before = model_state(model)
     if method == 'cam' and not cam_ok:
         with pytest.raises(ValueError, match="Use method='gradcam'"): heatmap(model, x, method=method, layer=layer)
+        with pytest.raises(ValueError, match="Use method='gradcam'"): heatmap(model, x, method=method)  # its default layer: the one before the pooling
         assert_same_state(before, model_state(model))
         return
     e = explain(model, x, method=method, layer=layer, norm=None)
@@ -126,10 +127,24 @@ def test_hand_computed():
 
 
 def test_default_layers(models):
-    x = _x(1)
-    assert default_layer(models['fastai_default'][0], x) == '0'
-    assert default_layer(models['torchvision'][0], x) == 'layer4'
-    assert default_layer(xresnet18(n_out=3), x) == '7'  # a bare xresnet: its last block, not the 1×1 pooling
+    "The last layer whose maps are at least 4×4 (the body, for 224-pixel images), never an adaptive pooling; remembered per model and size"
+    x, big = _x(1), _x(1, 224)
+    assert default_layer(models['fastai_default'][0], x) == '0.6'  # the body is 2×2 at 64 pixels
+    assert default_layer(models['fastai_default'][0], big) == '0'
+    assert default_layer(models['torchvision'][0], x) == 'layer3'
+    assert default_layer(models['torchvision'][0], big) == 'layer4'
+    bare = xresnet18(n_out=3)
+    assert default_layer(bare, x) == '6' and default_layer(bare, big) == '7'  # a bare xresnet: its last block(s), not the 1×1 pooling
+    assert default_layer(bare, x, min_size=1) == '7'
+    vgg = torchvision.models.vgg11(num_classes=3)
+    assert default_layer(vgg, _x(1, 224)) == 'features'  # 7×7; `avgpool` (adaptive) is never picked
+    assert explain(vgg, torch.randn(1, 3, 96, 160)).layer_size == (6, 10)  # not the 3×5 map stretched to 7×7 by `avgpool`
+    calls = []
+    h = nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.append(m))
+    try:
+        explain(vgg, torch.randn(1, 3, 96, 160))
+        assert len(calls) <= len(list(vgg.modules()))  # one forward, not a second fully-hooked one to find the layer again
+    finally: h.remove()
     tv = models['torchvision'][0]
     assert resolve_layer(tv, tv.layer3)[1] == 'layer3'
     assert explain(tv, x, layer='layer3.1.conv2').layer_size == (4, 4)
@@ -164,17 +179,22 @@ def test_state_kept_and_errors_clear(models, method):
     model(x).sum().backward()       # parameters with a populated .grad
     before = model_state(model)
     bad = [
-        (dict(method='scorecamm'), ValueError, 'Unknown method'),
+        (dict(method='scorecamm'), ValueError, "Unknown method 'scorecamm'. Did you mean 'scorecam'"),
         (dict(layer='0.99'), ValueError, 'no layer named'),
         (dict(layer='1.2'), ValueError, 'not a spatial'),
+        (dict(targets=-1), IndexError, 'out of range'),
+        (dict(targets=1.7), TypeError, 'float'),
+        (dict(window=3), TypeError, "takes no option 'window'"),
         (dict(targets=N_OUT), IndexError, 'out of range'),
         (dict(targets=[0, 1, 2]), ValueError, 'one class per sample'),
         (dict(targets='cat'), TypeError, 'learn.heatmap'),
         (dict(norm='minmax'), ValueError, 'Unknown norm'),
     ]
     if method == 'cam': bad.append((dict(), ValueError, "Use method='gradcam'"))
+    else: bad.append((dict(x=x[:, :1]), ValueError, '3-channel images, but this batch has 1'))
     for kw, exc, msg in bad:
-        with pytest.raises(exc, match=msg): heatmap(model, x, **{'method': method, **kw})
+        xx = kw.pop('x', x)
+        with pytest.raises(exc, match=msg): heatmap(model, xx, **{'method': method, **kw})
         assert_same_state(before, model_state(model))
     with pytest.raises(ValueError, match=r'xb\[None\]'): heatmap(model, x[0], method=method)
     with pytest.raises(TypeError, match='float batch'): heatmap(model, x.long(), method=method)

@@ -51,24 +51,47 @@ def test_show_cam(demo):
     np.testing.assert_allclose(imgs[1].get_array().data, demo.heatmap(fn, layer='0.6')[0].cpu().numpy(), rtol=1e-5, atol=1e-6)
     # the image underneath is the decoded one: the file's own pixels, not the normalized tensor
     np.testing.assert_allclose(imgs[0].get_array().data.astype(float), np.asarray(Image.open(fn)).astype(float), atol=1)
+    # image and map share one extent: no half-pixel strip along the right and bottom edges
+    assert imgs[0].get_extent() == imgs[1].get_extent() == [-0.5, 63.5, 63.5, -0.5]
     e = demo.explain(fn)
     pred = demo.dls.vocab[e.preds[0].argmax()]
     prob = e.preds[0].softmax(0).max().item()
-    assert ax.get_title() == f'{pred} ({prob:.2f})'
+    assert ax.get_title() == f"{pred} ({prob:.2f})\ngradcam at layer '0.6'"
     other = next(v for v in demo.dls.vocab if v != pred)
     ax = demo.show_cam(fn, target=other, layer='0.6')
-    assert ax.get_title() == f'{pred} ({prob:.2f})\nmap for {other}'
+    title = ax.get_title()
+    assert title.startswith(f'{pred} ({prob:.2f})\nmap for {other}')
+    if demo.heatmap(fn, targets=other, layer='0.6').amax() == 0: assert 'no positive evidence' in title  # an empty map says so
     assert imgs[1].get_alpha() == 0.6 and imgs[1].get_cmap().name == 'magma'
     fig = demo.show_cams(demo.dls.valid_ds.items[:5], layer='0.6', nrows=1)
     assert sum(len(a.get_images()) == 2 for a in fig.axes) == 5
+    assert fig._suptitle.get_text() == "gradcam at layer '0.6'"
+    ax = demo.show_cam(fn, colorbar=True, method='saliency')
+    assert len(ax.figure.axes) == 2 and ax.get_title().endswith('saliency')
+
+
+def test_show_cam_is_quick(demo):
+    "One file is explained in-process, as `learn.predict` does it: no DataLoader workers forked per call"
+    import time
+    fn = demo.dls.valid_ds.items[0]
+    demo.heatmap(fn)
+    t0 = time.perf_counter(); demo.predict(fn); t_pred = time.perf_counter() - t0
+    t0 = time.perf_counter(); demo.heatmap(fn); t_map = time.perf_counter() - t0
+    assert t_map < 5 * t_pred + 0.1, (t_map, t_pred)  # generous: this only catches a regression to forked workers (~10×)
 
 
 def test_small_map_warning(demo):
+    "The default layer gives maps of at least 4×4; a coarser one asked for warns once per model, size and layer, naming the finer one"
+    from fastai_heatmap.learner import _warned
+    _warned.clear()
     fn = demo.dls.valid_ds.items[0]
-    with pytest.warns(UserWarning, match=r"2×2 maps .* layer='0.6'"): demo.show_cam(fn)
     with warnings.catch_warnings():
         warnings.simplefilter('error', UserWarning)
-        demo.show_cam(fn, layer='0.6')  # 4×4: no warning
+        demo.show_cam(fn)  # the default: '0.6', 4×4
+    with pytest.warns(UserWarning, match=r"2×2 maps .* layer='0.6'"): demo.show_cam(fn, layer='0')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)
+        demo.show_cams(demo.dls.valid_ds.items[:3], layer='0')  # once only
 
 
 def test_bad_items(demo, tmp_path):

@@ -1,0 +1,165 @@
+"""Every method against an independent implementation that follows the same paper, on two architectures (a torchvision
+resnet18 and a vgg11, random weights), with one *different* class per sample so that a mix-up of targets would show.
+
+- pytorch-grad-cam 1.5: XGrad-CAM, LayerCAM, HiResCAM, Ablation-CAM, Eigen-CAM and Eigen-Grad-CAM (raw maps, through its
+  `get_cam_image`, and its full-size normalized output); Grad-CAM++ too, on a model whose scores are large enough that its
+  `eps = 1e-6` in the denominator of α does not matter (with small gradients, g² is below that eps and it drifts from
+  the formula). Its Score-CAM applies the softmax across channels to the raw scores; the paper and the authors' code
+  apply it across classes (our choice): replacing that one step in ours gives pytorch-grad-cam's maps exactly.
+- captum 0.9: saliency, input × gradient, guided backpropagation, the deconvnet rule, Guided Grad-CAM (captum upsamples
+  Grad-CAM with `nearest` by default; with `interpolate_mode='bilinear'` it is the paper's and ours), integrated
+  gradients (`method='riemann_middle'`, the same rule as ours), occlusion (on the softmax of the outputs, with a
+  window and stride that tile the image).
+- torchcam 0.5: XGrad-CAM and LayerCAM (raw maps). Its Grad-CAM++ sums A·g³ per position instead of over the map (not the
+  paper's equation 19) and its Score-CAM uses a channel softmax of score differences: not compared.
+"""
+import warnings
+import pytest, torch
+import torch.nn.functional as F
+from torch import nn
+from fastai_heatmap.core import heatmap, normalize_maps
+from fastai_heatmap.cam import ScoreCAM
+
+tvm = pytest.importorskip('torchvision.models')
+warnings.filterwarnings('ignore', category=UserWarning)
+
+
+def _model(arch, seed=0, scale=1.):
+    torch.manual_seed(seed)
+    m = getattr(tvm, arch)(weights=None, num_classes=10).eval()
+    last = m.fc if arch == 'resnet18' else m.classifier[-1]
+    with torch.no_grad(): last.weight.mul_(scale); last.bias.mul_(scale)
+    return m
+
+LAYERS = dict(resnet18='layer4', vgg11='features')  # the last block / the features' output (vgg: after the last max pooling)
+SIZE = dict(resnet18=96, vgg11=64)
+
+
+def _pgc_layer(m, arch): return m.layer4[-1] if arch == 'resnet18' else m.features[-1]
+
+
+@pytest.fixture(scope='module', params=['resnet18', 'vgg11'])
+def setup(request):
+    arch = request.param
+    m = _model(arch)
+    x = torch.randn(3, 3, SIZE[arch], SIZE[arch], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(): order = m(x).argsort(1, descending=True).tolist()
+    tg = []
+    for o in order: tg.append(next(c for c in o if c not in tg))
+    return arch, m, x, tg
+
+
+def _close(ours, ref, rtol=1e-5):
+    "Equal to `rtol` of the reference's largest magnitude, and not vacuously (the reference is not all zeros)"
+    ours, ref = torch.as_tensor(ours).float(), torch.as_tensor(ref).float()
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    assert ref.abs().max() > 0, 'the reference is all zeros: the comparison would be vacuous'
+    torch.testing.assert_close(ours, ref, rtol=rtol, atol=rtol * ref.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------- pytorch-grad-cam
+def _pgc(cls_name, arch, x, tg, scale=1.):
+    pgc = pytest.importorskip('pytorch_grad_cam')
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    m = _model(arch, scale=scale)  # it calls model.eval() and fills .grad: a model of its own
+    layer = _pgc_layer(m, arch)
+    T = [ClassifierOutputTarget(c) for c in tg]
+    with getattr(pgc, cls_name)(model=m, target_layers=[layer]) as cam:
+        full = cam(input_tensor=x, targets=T)
+        ag = cam.activations_and_grads
+        acts = ag.activations[0].numpy()
+        grads = ag.gradients[0].numpy() if ag.gradients else None
+        raw = cam.get_cam_image(x, layer, T, acts, grads, False)
+    return torch.from_numpy(full), torch.from_numpy(raw)
+
+
+@pytest.mark.parametrize('name,cls', [('xgradcam', 'XGradCAM'), ('layercam', 'LayerCAM'), ('hirescam', 'HiResCAM'), ('ablationcam', 'AblationCAM'),
+                                      ('eigencam', 'EigenCAM'), ('eigengradcam', 'EigenGradCAM'), ('gradcam++', 'GradCAMPlusPlus')])
+def test_matches_pytorch_grad_cam(setup, name, cls):
+    arch, m, x, tg = setup
+    if arch == 'vgg11' and name == 'ablationcam': x, tg = x[:1], tg[:1]  # a forward pass per channel: one image is enough here
+    scale = 1e3 if name == 'gradcam++' else 1.
+    m = _model(arch, scale=scale) if scale != 1 else m
+    full, raw = _pgc(cls, arch, x, tg, scale)
+    layer = LAYERS[arch]
+    ours_raw = heatmap(m, x, targets=tg, method=name, layer=layer, upsample=False, norm=None, relu=False)
+    if name.startswith('eigen'):  # an eigenvector's sign is arbitrary: pytorch-grad-cam does not fix it, we do
+        ours_raw = ours_raw * torch.sign((ours_raw * raw).flatten(1).sum(1))[:, None, None]
+    _close(ours_raw, raw, rtol=1e-4 if name in ('ablationcam', 'gradcam++') else 1e-5)
+    if not name.startswith('eigen'):  # its full-size maps: ReLU, min-max per map, cv2 bilinear resize (half-pixel centres)
+        ours = heatmap(m, x, targets=tg, method=name, layer=layer)
+        assert (ours - full).abs().max() < 1e-3
+
+
+def test_scorecam_differs_from_pytorch_grad_cam_by_the_softmax_only(setup):
+    "pytorch-grad-cam's Score-CAM is ours with two steps changed: a softmax across channels of the raw scores (not across classes), and masks upsampled with align_corners=True"
+    arch, m, x, tg = setup
+    x, tg = x[:1], tg[:1]  # a forward pass per channel, three times (theirs, ours, the variant): one image is enough
+    full, raw = _pgc('ScoreCAM', arch, x, tg)
+    class ChannelSoftmax(ScoreCAM):
+        "pytorch-grad-cam's variant: every channel scored (dead ones too, on an input masked to 0), raw scores, softmax across channels, corner-aligned masks"
+        def weights(self, ctx):
+            masks = normalize_maps(F.interpolate(ctx.acts, size=ctx.x.shape[-2:], mode='bilinear', align_corners=True))
+            n, K = ctx.acts.shape[:2]
+            rows = torch.arange(n).repeat_interleave(K)
+            return ctx.score(ctx.run(ctx.x[rows] * masks.flatten(0, 1)[:, None]), rows).view(n, K).softmax(1)
+    ours = heatmap(m, x, targets=tg, method=ChannelSoftmax(), layer=LAYERS[arch], upsample=False, norm=None, relu=False)
+    _close(ours, raw, rtol=1e-4)
+    assert (heatmap(m, x, targets=tg, method='scorecam', layer=LAYERS[arch]) - full).abs().max() > 1e-2  # and ours is not theirs
+
+
+# ---------------------------------------------------------------------------------------------- torchcam
+@pytest.mark.parametrize('name,cls', [('xgradcam', 'XGradCAM'), ('layercam', 'LayerCAM')])
+def test_matches_torchcam(setup, name, cls):
+    methods = pytest.importorskip('torchcam.methods')
+    arch, m, x, tg = setup
+    mm = _model(arch)
+    with getattr(methods, cls)(mm, LAYERS[arch], input_shape=tuple(x.shape[1:])) as ex:
+        raw = ex(tg, mm(x), normalized=False)[0]
+    _close(heatmap(m, x, targets=tg, method=name, layer=LAYERS[arch], upsample=False, norm=None), raw)
+
+
+# ---------------------------------------------------------------------------------------------- captum
+def _ours(m, x, tg, name, **kw): return heatmap(m, x, targets=tg, method=name, norm=None, relu=False, reduce=None, **kw)
+
+
+@pytest.mark.parametrize('name,cls', [('saliency', 'Saliency'), ('input_x_gradient', 'InputXGradient'),
+                                      ('guided', 'GuidedBackprop'), ('rectified', 'Deconvolution')])
+def test_input_gradients_match_captum(setup, name, cls):
+    attr = pytest.importorskip('captum.attr')
+    arch, m, x, tg = setup
+    kw = dict(abs=False) if name == 'saliency' else {}
+    ref = getattr(attr, cls)(m).attribute(x.clone().requires_grad_(), target=torch.tensor(tg), **kw)
+    _close(_ours(m, x, tg, name), ref)
+    # and the map: the channel of largest magnitude, its magnitude with relu=True (captum's Saliency(abs=True) then max)
+    if name == 'saliency':
+        sal = attr.Saliency(m).attribute(x.clone().requires_grad_(), target=torch.tensor(tg)).amax(1)
+        _close(heatmap(m, x, targets=tg, method='saliency', norm=None), sal)
+
+
+def test_guided_gradcam_matches_captum(setup):
+    attr = pytest.importorskip('captum.attr')
+    arch, m, x, tg = setup
+    layer = m.get_submodule(LAYERS[arch])
+    ref = attr.GuidedGradCam(m, layer).attribute(x.clone().requires_grad_(), target=torch.tensor(tg), interpolate_mode='bilinear')
+    _close(_ours(m, x, tg, 'guided_gradcam', layer=LAYERS[arch]), ref)
+
+
+def test_integrated_gradients_match_captum(setup):
+    attr = pytest.importorskip('captum.attr')
+    arch, m, x, tg = setup
+    ref = attr.IntegratedGradients(m).attribute(x, target=torch.tensor(tg), n_steps=16, method='riemann_middle')
+    _close(_ours(m, x, tg, 'integrated_gradients', steps=16), ref, rtol=1e-4)
+    base = torch.tensor([.5, -.2, .1]).view(3, 1, 1)
+    ref = attr.IntegratedGradients(m).attribute(x, baselines=base.expand_as(x[0])[None].expand_as(x).contiguous(), target=torch.tensor(tg), n_steps=8, method='riemann_middle')
+    _close(_ours(m, x, tg, 'integrated_gradients', steps=8, baseline=base), ref, rtol=1e-4)
+
+
+def test_occlusion_matches_captum(setup):
+    attr = pytest.importorskip('captum.attr')
+    arch, m, x, tg = setup
+    s = SIZE[arch] // 8
+    probs = lambda inp: m(inp).softmax(-1)
+    ref = attr.Occlusion(probs).attribute(x, sliding_window_shapes=(3, 2*s, 2*s), strides=(3, s, s), target=torch.tensor(tg), perturbations_per_eval=64)
+    ours = heatmap(m, x, targets=tg, method='occlusion', window=2*s, stride=s, norm=None, relu=False)
+    for c in range(3): _close(ours, ref[:, c])  # captum repeats the map over the channels the window covers
