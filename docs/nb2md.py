@@ -276,7 +276,7 @@ def api_entry(md, fix, seen, readme=False):
         return f"{src}{level} {title}\n\n{fence(short_signature(name, rows), 'python')}\n\n{rest}".rstrip()
     ident = pandoc_id(title, seen)
     label = title if len(title) <= 26 or '.' not in title else '.' + title.rsplit('.', 1)[1]   # the TOC's width
-    src = (f'<a class="doc-source" href="{html.escape(source)}" title="The source code, on GitHub">source</a>'
+    src = (f'<div class="doc-source"><a href="{html.escape(source)}" title="The source code, on GitHub">source</a></div>'
            if source else '')
     out = [f'<div class="doc-entry" markdown>', src, '',
            f'{level} {title} {{ #{ident} .doc-heading data-toc-label="{html.escape(label)}" }}', '',

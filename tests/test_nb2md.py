@@ -46,8 +46,8 @@ PANDAS = ('<div>\n<style scoped>\n    .dataframe tbody tr th { vertical-align: t
 FASTPROGRESS = "<div><progress value='3' class='' max='3' style='width:300px;'></progress> 100.00% [3/3 00:00<00:00]</div>"
 
 
-@pytest.fixture()
-def page(tmp_path):
+def make_site(tmp_path):
+    "Two processed notebooks (and their sources) in tmp_path, and the Site over them"
     nbs, proc = tmp_path/'nbs', tmp_path/'_proc'
     nbs.mkdir(); proc.mkdir()
     (nbs/'img.png').write_bytes(base64.b64decode(_png()))
@@ -68,8 +68,12 @@ def page(tmp_path):
     other = dict(cells=[dict(cell_type='raw', metadata={}, source='---\ntitle: Other\noutput-file: other.html\n---\n'),
                         md('## A section')], metadata={}, nbformat=4, nbformat_minor=5)
     (nbs/'01_other.ipynb').write_text(json.dumps(other)); (proc/'01_other.ipynb').write_text(json.dumps(other))
-    site = nb2md.Site(proc, nbs, tmp_path/'out', tmp_path/'README.md')
-    p = nb2md.Page(site, Path('00_thing.ipynb'))
+    return nb2md.Site(proc, nbs, tmp_path/'out', tmp_path/'README.md')
+
+
+@pytest.fixture()
+def page(tmp_path):
+    p = nb2md.Page(make_site(tmp_path), Path('00_thing.ipynb'))
     return p, p.render()
 
 
