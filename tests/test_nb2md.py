@@ -91,7 +91,7 @@ def test_page(page):
     assert '| `k` |  |  | How many |' in text
     assert '| `nrows` | `int | None` | `None` |  |' in text and '| `ncols` | `int | None` | `None` | Grid shape |' in text
     assert '| `**kwargs` |  |  | passed on |' in text and '| **Returns** | `Figure` |' in text   # fastcore's kwargs quirk
-    assert 'class="doc-source" href="https://github.com/o/r/blob/main/pkg/m.py#L1"' in text
+    assert '<div class="doc-source"><a href="https://github.com/o/r/blob/main/pkg/m.py#L1"' in text
     # outputs: pandas kept, progress bars and stderr dropped, other text kept, options honoured
     assert '<table border="1" class="dataframe">' in text and 'cell-output-html' in text
     assert '%' not in text.split('learn.fit(1)')[1].split('```python')[0] and '<progress' not in text
