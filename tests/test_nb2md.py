@@ -62,7 +62,8 @@ def make_site(tmp_path):
              code('#| output: false\nsecret_output()', stream('should not appear\n')),
              code('#| include: false\nhidden_cell()', stream('hidden\n')),
              code('#| echo: false\nno_code_shown()', display(**{'image/png': _png(), 'text/plain': '<Figure size 150x100 with 0 Axes>'})),
-             md('::: {.callout-note}\nA note.\n:::\n\n## A section')]
+             md('::: {.callout-note}\nA note.\n:::\n\n## A section'),
+             code('#| code-fold: show\ndef folded(): pass')]
     nb = dict(cells=cells, metadata={}, nbformat=4, nbformat_minor=5)
     (nbs/'00_thing.ipynb').write_text(json.dumps(nb)); (proc/'00_thing.ipynb').write_text(json.dumps(nb))
     other = dict(cells=[dict(cell_type='raw', metadata={}, source='---\ntitle: Other\noutput-file: other.html\n---\n'),
@@ -102,6 +103,7 @@ def test_page(page):
     img = [k for k in p.files if k.startswith('thing_files/')]
     assert img == ['thing_files/cell-6-output-1.png'] and 'width="150"' in text               # 300 px at 200 dpi
     assert '<div class="admonition note" markdown>' in text and 'A note.' in text and ':::' not in text
+    assert '???+ code "Code"\n\n    ```python\n    def folded(): pass\n    ```' in text                  # nbdev's `exports`
 
 
 def test_readme(page):
