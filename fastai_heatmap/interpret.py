@@ -246,6 +246,15 @@ def border_mass(maps:Tensor, border:float=0.125)->tuple:
     return torch.where(tot > 0, (maps*band).sum((-2, -1)) / tot.clamp_min(1e-12), torch.zeros_like(tot)), band.mean().item()
 
 # %% ../nbs/04_interpret.ipynb #8dd4b774
+def _first_per_class(interp, target, max_n):
+    "Dataset indices of the first `max_n` items of each class (by label, or by prediction), so that only those are explained"
+    dec, targs = interp._decoded()
+    if is_multilabel(interp.learn):
+        member = (targs > 0.5) if target == 'actual' else dec.bool() # fastai decodes multi-label outputs to their predicted labels
+    else: member = F.one_hot((targs if target == 'actual' else dec).flatten().long(), len(vocab_of(interp.learn))).bool()
+    keep = (member.long().cumsum(0) <= max_n) & member
+    return torch.where(keep.any(1))[0].tolist()
+
 @patch
 @delegates(explain_batches, keep=True, but=['dl', 'targets', 'method', 'layer', 'norm', 'warn_small'])
 def class_heatmaps(self:HeatmapInterpretation,
@@ -265,8 +274,9 @@ def class_heatmaps(self:HeatmapInterpretation,
         raise ValueError(f"`max_n` is the number of items per class to average, an int ≥ 1 (or None for all); got {max_n!r}.")
     fn, mask = _target_fn(self, target)
     multi, n_cls = mask is not None, len(vocab_of(self.learn))
+    dl = self.dl if max_n is None else self.learn.dls.test_dl(self.items(_first_per_class(self, target, max_n)), with_labels=True, num_workers=0)
     sums = cnt = img_sum = None
-    for e, xb, yb in explain_batches(self.learn, self.dl, targets=fn, method=method, layer=layer, norm=norm, act=self.act, **kwargs):
+    for e, xb, yb in explain_batches(self.learn, dl, targets=fn, method=method, layer=layer, norm=norm, act=self.act, **kwargs):
         xb, yb = xb.as_subclass(Tensor), yb.as_subclass(Tensor)
         # (B, n_classes) weights: which class each map counts for
         w = (mask(e.preds, yb).float() if multi else F.one_hot(e.targets, n_cls).float()).to(e.maps.device)
@@ -279,7 +289,7 @@ def class_heatmaps(self:HeatmapInterpretation,
         if max_n is not None and (cnt >= max_n).all(): break
     n = cnt.clamp_min(1)
     mean_maps, mean_x = sums / n[:, None, None], img_sum / n[:, None, None, None]
-    imgs = check_decoded(self.dl.decode((TensorImage(mean_x),))[0]) # decoding is affine per pixel: the mean's decoding is the decoded mean
+    imgs = check_decoded(dl.decode((TensorImage(mean_x),))[0]) # decoding is affine per pixel: the mean's decoding is the decoded mean
     bm, uni = border_mass(mean_maps, border)
     return ClassHeatmaps(mean_maps.cpu(), imgs.as_subclass(Tensor).cpu(), cnt.long().cpu(), bm.cpu(), uni,
                          [label_of(self.learn, c) for c in range(n_cls)], e.method, target, border, e.layer)
