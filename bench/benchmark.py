@@ -35,8 +35,9 @@ per round, round-robin with a rotating start, in one process, so that they all s
 After the timings: how far apart the normalized maps of each pair that follows the same formula are (the outputs of the
 timed runs, so it costs nothing more; known deviations are named), how many (sample, channel) pairs ours skipped in
 Score-CAM / Ablation-CAM because their activation is all zero, and, when gradcam is among the methods, the memory autograd
-keeps for Grad-CAM and the state each library leaves the model in. ``--write`` writes all of it, with the machine, the
-versions and the date, as markdown.
+keeps for Grad-CAM and the state each library leaves the model in. Each of our methods that misses its target is then
+profiled (cProfile and forward hooks on the model's top-level modules, one call; ``--no-profile`` skips it). ``--write``
+writes all of it, with the machine, the versions, the load and the date, as markdown.
 """
 from __future__ import annotations
 import argparse, datetime, gc, os, platform, shlex, statistics, sys, time, warnings
@@ -624,7 +625,8 @@ def build_report(a, cases, tiers, med, agree, dead, extras, loads, started):
     for title, rows in extras:
         L.append(f'\n{title}\n')
         L.extend(f'- {r}' for r in rows)
-    L.append('\nNotes: captum times include the no_grad forward that gives it the targets, and its attributions reduced to a map (abs().amax(1)). '
+    L.append('\nNotes: captum times include the no_grad forward that gives it the targets, and its attributions reduced to a map (abs().amax(1); '
+             "LayerGradCam with relu_attributions=True, the paper's ReLU). ours: the library's defaults (upsampled to the input size, min-max per image), bar=False. "
              'pytorch-grad-cam returns numpy maps, min-max normalized and cv2-resized to the input size, and calls loss.backward() through the whole '
              'network (filling every parameter\'s .grad). torchcam returns layer-resolution maps, normalized; the F.interpolate to the input size is '
              'included. captum\'s perturbations_per_eval and nt_samples_batch_size count perturbations per input image, so they are set to '
