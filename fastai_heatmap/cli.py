@@ -23,7 +23,7 @@ from .learner import *
 from .interpret import HeatmapInterpretation
 
 # %% auto #0
-__all__ = ['image_files', 'explain_files', 'layer_table', 'demo', 'cli_message', 'UsageError', 'main']
+__all__ = ['image_files', 'save_heatmap', 'explain_files', 'layer_table', 'demo', 'cli_message', 'UsageError', 'main']
 
 # %% ../nbs/05_cli.ipynb #69fd9066
 def image_files(paths:list)->list:
@@ -52,6 +52,30 @@ def _rows(learn, files, e, probs):
         rows.append(dict(file=str(f), predicted=pred, probability=round(float(prob), 4), explained=label_of(learn, t, neg)))
     return rows
 
+# %% ../nbs/05_cli.ipynb #2e1d0c9b
+def save_heatmap(
+    fn, # The PNG to write
+    img, # The original image (a PIL image)
+    hm:Tensor, # Its heatmap
+    region:tuple|None, # Where the model's input lies on the image (`input_region`); None to draw on `model_img` instead
+    model_img=None, # The decoded image the model saw (C, H, W), drawn when `region` is None
+    title:str='', # The figure's title
+    alpha:float=0.6, # Opacity of the heatmap
+    cmap:str='magma', # Matplotlib colour map
+    min_width:int=320, # Smaller images are enlarged to this width
+):
+    "Write `img` with `hm` over it, at the image's own resolution, and a title"
+    pic = img if region is not None else model_img
+    w, h = pic.size if hasattr(pic, 'size') and not isinstance(pic, torch.Tensor) else (pic.shape[-1], pic.shape[-2])
+    scale, dpi = max(1., min_width / w), 100
+    fig = plt.figure(figsize=(w*scale/dpi, h*scale/dpi + 0.35), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, h*scale/dpi / (h*scale/dpi + 0.35)))
+    show_heatmap(pic, hm, ax=ax, alpha=alpha, cmap=cmap, region=region, vmin=0, vmax=1)
+    fig.suptitle(title, y=0.995, va='top', fontsize=10)
+    fig.savefig(fn, dpi=dpi)
+    plt.close(fig)
+    return fn
+
 # %% ../nbs/05_cli.ipynb #c847a9e9
 def explain_files(
     learn, # A vision learner (for example from `load_learner`)
@@ -65,7 +89,7 @@ def explain_files(
     cmap:str='magma', # Matplotlib colour map
     bar:bool=True, # Show a progress bar
 )->tuple:
-    "Write one heatmap PNG per image and predictions.csv (sorted by path) to `out`, batch by batch; returns (the rows written, the files that failed with why)"
+    "Write one heatmap PNG per image (the original image, its map and a title) and predictions.csv (sorted by path) to `out`, batch by batch; returns (the rows written, the files that failed with why)"
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     targets = None if target == 'pred' else label_targets(learn, target, 1)[0].item() # an unknown label fails here, before any work
     files = sorted(files)
@@ -77,11 +101,10 @@ def explain_files(
             except Exception as e: failed.append((str(f), str(e) if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: {e}"))
         for ix in size_groups(learn, items).values():
             e, imgs = learn.explain([items[i] for i in ix], targets, method=method, layer=layer, with_input=True, bs=bs)
-            px = overlay(imgs, e.maps, alpha=alpha, cmap=cmap).cpu().numpy()
-            fs = [good[i] for i in ix]
-            for r, pix in zip(_rows(learn, fs, e, probs_of(learn, e.preds)), px):
+            for j, (i, r) in enumerate(zip(ix, _rows(learn, [good[i] for i in ix], e, probs_of(learn, e.preds)))):
                 r['heatmap'] = _png_name(r['file'], used)
-                Image.fromarray(pix).save(out/r['heatmap'])
+                title = f"{r['predicted']} ({r['probability']:.2f})" + ("" if r['explained'] == r['predicted'] else f", map for {r['explained']}")
+                save_heatmap(out/r['heatmap'], items[i], e.maps[j], input_region(learn, items[i].size), imgs[j], title=title, alpha=alpha, cmap=cmap)
                 rows.append(r)
     rows.sort(key=lambda r: r['file'])
     pd.DataFrame(rows, columns=['file', 'predicted', 'probability', 'explained', 'heatmap']).to_csv(out/'predictions.csv', index=False)

@@ -20,9 +20,9 @@ from .hooks import *
 
 # %% auto #0
 __all__ = ['eval_mode', 'unwrap_model', 'layer_shapes', 'default_layer', 'resolve_layer', 'resolve_targets', 'normalize_maps',
-           'Method', 'Context', 'ReplaceOutput', 'LayerMethod', 'reduce_channels', 'InputGradientMethod',
-           'PerturbationMethod', 'register_method', 'method_names', 'get_method', 'list_methods', 'Explanation',
-           'explain', 'heatmap']
+           'Method', 'Context', 'ReplaceOutput', 'MapLayout', 'map_layout', 'LayerMethod', 'reduce_channels',
+           'InputGradientMethod', 'PerturbationMethod', 'register_method', 'method_names', 'get_method', 'list_methods',
+           'Explanation', 'explain', 'heatmap']
 
 # %% ../nbs/02_core.ipynb #5d004740
 @contextmanager
@@ -69,10 +69,14 @@ def default_layer(
     xb:Tensor, # A batch of the inputs to explain (their size decides)
     min_size:int=4, # The smallest map (height and width) worth showing
 )->str:
-    "Name of the layer explained by default: the last one whose output is a spatial map of at least `min_size`×`min_size` (within the body of a fastai model), never an adaptive pooling; the last spatial map when none is that large"
+    "Name of the layer explained by default: the last one whose output is a spatial map of at least `min_size`×`min_size` (within the body of a fastai model), never an adaptive pooling; the last spatial map when none is that large; for a vision transformer, the first norm of its last block"
     model = unwrap_model(model)
     key, cache = (tuple(xb.shape[1:]), min_size), _defaults.setdefault(model, {})
     if key in cache: return cache[key]
+    blocks = [n for n, _ in model.named_modules() if re.search(r'(^|\.)blocks\.\d+\.norm1$', n)]
+    if blocks and any(hasattr(m, 'patch_embed') for m in model.modules()): # a vision transformer: the input of the last block's attention
+        cache[key] = blocks[-1]
+        return cache[key]
     body = _is_fastai_vision(model)
     cands = [(n, s) for n, s in layer_shapes(model, xb) if _is_map(s) and (not body or n == '0' or n.startswith('0.'))
              and not isinstance(model.get_submodule(n), _pools) and n]
@@ -194,8 +198,10 @@ class Context:
         noise:float=0.15, # Standard deviation of that noise, as a fraction of the range of what is perturbed
         generator:torch.Generator|None=None, # Random numbers for the noise
         bar:bool=True, # Show a progress bar over many batches
+        reshape=None, # A function from the layer's output to (B, C, h, w) maps, for layouts the engine does not know
     ):
         store_attr()
+        self.layout = None
         self.acts = self.preds = self.targets = self.negative = self.hook = self.xg = None
         dev = x.device.type
         self.amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) if dev in ('cpu', 'cuda') else None
@@ -233,7 +239,7 @@ class Context:
         "∂score/∂A at the layer for the current targets (B, K, h, w), float32 (a `LayerMethod` with `needs_grad`)"
         if 'layer' not in self._grads:
             if self.hook is None or not self.hook.grad: raise RuntimeError("This method did not ask for gradients: set `needs_grad = True`.")
-            self._grads['layer'] = self.hook.gradient(self.score(self.out), retain_graph=True).float()
+            self._grads['layer'] = self.layout.to_map(self.hook.gradient(self.score(self.out), retain_graph=True)).float()
         return self._grads['layer']
 
     @property
@@ -261,8 +267,32 @@ class Context:
         with torch.no_grad(), self.autocast(): return self.model(xs.to(self.x.dtype)).float()
 
     def run_with_layer(self, rows:Tensor, acts:Tensor)->Tensor:
-        "The model's outputs (N, n_classes) for the samples `rows`, with the layer's output replaced by `acts` (N, K, h, w)"
-        with ReplaceOutput(self.layer, acts.to(self.act_dtype)), torch.no_grad(), self.autocast(): return self.model(self.x[rows]).float()
+        """The model's outputs (N, n_classes) for the samples `rows`, with the layer's output replaced by `acts` (N, K, h, w), put back in the layer's layout.
+        Each image runs once up to the layer, which hands on all of its modified copies (checked once against running every copy in full, the fallback)"""
+        if self.layout.from_map is None: raise ValueError("This method runs the model from modified activations, which a custom `reshape` cannot put back into the layer: choose another method or layer.")
+        out = self.layout.from_map(acts.to(self.act_dtype), rows)
+        ok = self.cache.get('once per image')
+        if ok is not False:
+            try:
+                res = self._per_image(rows, out)
+                if ok is None: # the first time: the same as running the first copies in full?
+                    ref = self._in_full(rows[:4], out[:4])
+                    ok = self.cache['once per image'] = bool(torch.allclose(res[:4], ref, rtol=1e-3, atol=1e-4 * (1 + ref.abs().max().item())))
+                if ok: return res
+            except Exception: self.cache['once per image'] = False # a model after the layer that needs the batch of tensors from before it
+        return self._in_full(rows, out)
+
+    def _per_image(self, rows, out):
+        res = torch.empty(len(rows), self.preds.shape[1], device=out.device)
+        for i in rows.unique().tolist():
+            j = torch.where(rows == i)[0]
+            with ReplaceOutput(self.layer, out[j]), torch.no_grad(), self.autocast(): y = self.model(self.x[i:i+1]).float()
+            if y.shape[0] != len(j): raise RuntimeError("the batch did not follow the layer's output")
+            res[j] = y
+        return res
+
+    def _in_full(self, rows, out):
+        with ReplaceOutput(self.layer, out), torch.no_grad(), self.autocast(): return self.model(self.x[rows]).float()
 
     def input_grads_of(self, xs:Tensor, rows:Tensor, rule=None)->Tensor:
         "∂score/∂x (N, C, H, W) at inputs `xs`, for the targets of samples `rows`, under the backward `rule` (a context manager) if given"
@@ -272,27 +302,86 @@ class Context:
 
 # %% ../nbs/02_core.ipynb #6e2d1b55
 class ReplaceOutput:
-    "Context manager under which `m`'s forward output is `value` (which must have the output's shape)"
-    def __init__(self, m:nn.Module, value:Tensor):
-        self.m, self.value = m, value
-        self.handle = m.register_forward_hook(self.hook_fn)
-    def hook_fn(self, m, i, o):
-        if not isinstance(o, Tensor) or o.shape != self.value.shape:
-            raise RuntimeError(f"The layer's output has shape {tuple(o.shape) if isinstance(o, Tensor) else type(o).__name__}, the replacement {tuple(self.value.shape)}.")
-        return self.value
-    def __enter__(self): return self
-    def __exit__(self, *args): self.handle.remove()
+    "Context manager under which `m` does not run: its output is `value`"
+    def __init__(self, m:nn.Module, value:Tensor): self.m, self.value = m, value
+    def __enter__(self):
+        self.had = 'forward' in vars(self.m)
+        self.old = vars(self.m).get('forward')
+        self.m.forward = lambda *args, **kwargs: self.value
+        return self
+    def __exit__(self, *args):
+        if self.had: self.m.forward = self.old
+        else: del self.m.forward
 
 # %% ../nbs/02_core.ipynb #3f0cc0a1
-def _layer_map(h:ActivationHook, name:str)->Tensor:
-    "The activation stored by `h`, checked to be a spatial map"
+def _layer_map(h:ActivationHook, ctx)->tuple:
+    "The activation stored by `h` and its `MapLayout`, checked to be a spatial map"
+    name = ctx.layer_name
     if h.n_calls == 0: raise ValueError(f"Layer {name!r} did not run during the forward pass: pick a module that the model calls.")
     a = h.stored
-    if not isinstance(a, Tensor) or a.ndim != 4:
+    try:
+        if not isinstance(a, Tensor) or (a.ndim not in (3, 4) and ctx.reshape is None): raise ValueError
+        layout = map_layout(a, ctx.x, ctx.model, ctx.reshape)
+        m = layout.to_map(a)
+        if not isinstance(m, Tensor) or m.ndim != 4: raise ValueError
+    except ValueError as e:
         got = f"shape {tuple(a.shape)}" if isinstance(a, Tensor) else f"a {type(a).__name__}"
-        raise ValueError(f"Layer {name!r} outputs {got}, not a spatial (B, C, H, W) map: choose a convolutional layer, such as a fastai model's body '0' "
-                         "or a torchvision resnet's 'layer4'. `layer_shapes(model, xb)` lists every layer's output shape.")
-    return a
+        raise ValueError(f"Layer {name!r} outputs {got}, not a spatial map: choose a convolutional layer, such as a fastai model's body '0' or a torchvision "
+                         f"resnet's 'layer4', or a transformer block's; or pass `reshape=`, a function from the layer's output to (B, C, h, w). {e} "
+                         "`layer_shapes(model, xb)` lists every layer's output shape.".replace('  ', ' ')) from None
+    return a, layout
+
+class MapLayout:
+    "How a layer's output is laid out, and the way between it and a spatial map (B, C, h, w)"
+    def __init__(self,
+        to_map, # Function from a tensor laid out as the output (activations or their gradients) to (B, C, h, w)
+        from_map=None, # Function (maps (N, C, h, w), rows (N,)) → tensors laid out as the output of samples `rows`; None if there is none
+        desc:str='(B, C, H, W)', # What the layout is, for messages
+    ): store_attr()
+
+def _stride_ok(H, W, h, w):
+    "Whether an (h, w) grid can cover an H×W input: the same stride along both sides, give or take rounding"
+    if not (0 < h <= H and 0 < w <= W): return False
+    a, b = H / h, W / w
+    return abs(a - b) <= 0.15 * max(a, b)
+
+def _prefix_and_grid(model):
+    "(number of prefix tokens, patch grid) of a timm vision transformer in `model`, if there is one"
+    for m in model.modules():
+        grid = getattr(getattr(m, 'patch_embed', None), 'grid_size', None)
+        if grid is not None and hasattr(m, 'num_prefix_tokens'): return int(m.num_prefix_tokens), tuple(int(o) for o in grid)
+
+def map_layout(
+    a:Tensor, # A layer's output for the batch `x`
+    x:Tensor, # The batch
+    model:nn.Module|None=None, # The model, whose attributes tell a vision transformer's prefix tokens and patch grid
+    reshape=None, # A function from the layer's output to (B, C, h, w), for layouts the engine does not know
+)->MapLayout:
+    "The `MapLayout` of `a`: channels first (B, C, h, w), channels last (B, h, w, C) as in Swin stages, or tokens (B, N, C) with prefix tokens (class, distillation, registers) before an h×w grid"
+    if reshape is not None: return MapLayout(reshape, None, 'given by `reshape`')
+    H, W = x.shape[-2:]
+    if a.ndim == 4:
+        first, last = _stride_ok(H, W, *a.shape[2:]), _stride_ok(H, W, *a.shape[1:3])
+        nhwc = any(str(getattr(m, 'output_fmt', '')).endswith('NHWC') for m in (model.modules() if model is not None else []))
+        if last and (not first or nhwc): return MapLayout(lambda t: t.permute(0, 3, 1, 2), lambda m, rows: m.permute(0, 2, 3, 1), '(B, H, W, C)')
+        return MapLayout(lambda t: t, lambda m, rows: m)
+    if a.ndim == 3:
+        n_tok, c = a.shape[1:]
+        info = _prefix_and_grid(model) if model is not None else None
+        if info and n_tok - info[0] == info[1][0] * info[1][1]: p, (h, w) = info
+        else: # the grid and the prefix from the input's shape: the smallest prefix for which the rest is a grid with the input's aspect
+            p = h = w = None
+            for q in range(0, min(9, n_tok)):
+                n = n_tok - q
+                gh = max(1, round((n * H / W) ** .5))
+                if n % gh == 0 and min(gh, n // gh) >= 2 and _stride_ok(H, W, gh, n // gh): p, h, w = q, gh, n // gh; break
+            if p is None: raise ValueError(f"The layer outputs tokens of shape {tuple(a.shape)}, which do not make a grid for a {H}×{W} input. "
+                                           "Pass `reshape=`, a function from the layer's output to (B, C, h, w) maps.")
+        prefix = a[:, :p].detach()
+        def to_map(t): return t[:, p:].reshape(len(t), h, w, -1).permute(0, 3, 1, 2)
+        def from_map(m, rows): return torch.cat([prefix[rows].to(m.dtype), m.permute(0, 2, 3, 1).reshape(len(m), h*w, -1)], 1)
+        return MapLayout(to_map, from_map, f'tokens (B, {p} + {h}×{w}, C)')
+    raise ValueError(f"A layer output of shape {tuple(a.shape)} is not a spatial map: pass `reshape=`, a function from it to (B, C, h, w) maps, or choose another layer.")
 
 class LayerMethod(Method):
     "A map at a layer, from its activations `A` (and `∂y_c/∂A` when `needs_grad`): `combine(weights(ctx))`"
@@ -302,10 +391,10 @@ class LayerMethod(Method):
     def forward(self, ctx):
         with ActivationHook(ctx.layer, grad=self.needs_grad) as h:
             with torch.no_grad(), ctx.autocast(): out = ctx.model(ctx.x)
-        a = _layer_map(h, ctx.layer_name)
+        a, layout = _layer_map(h, ctx)
         if self.needs_grad and isinstance(out, Tensor) and not out.requires_grad:
             raise ValueError(f"The model's output does not depend on layer {ctx.layer_name!r}: choose a layer on the path to the output.")
-        ctx.hook, ctx.act_dtype, ctx.acts = h, a.dtype, a.detach().float()
+        ctx.hook, ctx.layout, ctx.act_dtype, ctx.acts = h, layout, a.dtype, layout.to_map(a.detach()).float()
         return out
     def weights(self, ctx:Context)->Tensor:
         "Weights of the activations: per channel (B, K) or per position (B, K, h, w)"
@@ -321,7 +410,9 @@ def reduce_channels(
 )->Tensor:
     "An attribution per pixel (B, H, W) from one per colour channel; with `relu=True` the engine then keeps its magnitude (max |·| for 'max', as Simonyan et al.)"
     if reduce is None: return a
-    if reduce == 'max': return a.gather(1, a.abs().argmax(1, keepdim=True))[:, 0]
+    if reduce == 'max':
+        mx, mn = a.amax(1), a.amin(1) # without an argmax over the channels, slow on CPUs
+        return torch.where(mx >= -mn, mx, mn)
     if reduce == 'sum': return a.sum(1)
     if reduce == 'mean': return a.mean(1)
     raise ValueError(f"Unknown reduce {reduce!r}: use 'max' (the channel of largest magnitude), 'sum', 'mean', or None to keep the channels.")
@@ -485,7 +576,7 @@ def _smoothed(meth, ctx, tg, neg, smooth, noise, generator)->Tensor:
         idx = torch.arange(sl.start, sl.stop, device=x.device)
         rows, k = idx % n, idx // n
         xs = (x[rows].float() + noise * rng[rows, None, None, None] * eps[k]).to(x.dtype)
-        sub = Context(ctx.model, xs, ctx.layer, ctx.layer_name, ctx.batch_size, ctx.act, bar=False)
+        sub = Context(ctx.model, xs, ctx.layer, ctx.layer_name, ctx.batch_size, ctx.act, bar=False, reshape=ctx.reshape)
         sub.amp = ctx.amp
         sub.out = _check_preds(meth.forward(sub), len(xs))
         sub.preds = sub.out.detach().float()
@@ -508,6 +599,7 @@ def explain(
     batch_size:int=64, # Inputs per forward pass when a method runs the model on modified inputs (ScoreCAM, occlusion, `smooth`, ...)
     act=None, # Function from the model's outputs to probabilities, for methods that score them; softmax (sigmoid for one output) when None
     bar:bool=True, # Show a progress bar when a method runs the model on many modified inputs
+    reshape=None, # For methods at a layer: a function from the layer's output to (B, C, h, w) maps, for layouts other than channels first or last and a transformer's tokens
     **kwargs, # The method's own options (such as `window=` for occlusion); `list_methods()` shows them
 )->Explanation:
     "Heatmaps of `xb` with the predictions of the same forward pass, the classes explained and the layer used"
@@ -529,7 +621,7 @@ def explain(
         with eval_mode(model), torch.inference_mode(False):
             try:
                 mod, name = resolve_layer(model, layer, x, meth.min_size) if meth.uses_layer else (None, None)
-                ctx = Context(model, x, mod, name, int(batch_size), act, smooth, noise, gen, bar)
+                ctx = Context(model, x, mod, name, int(batch_size), act, smooth, noise, gen, bar, reshape)
                 out = meth.forward(ctx)
             except RuntimeError as e: _check_channels(model, x, e); raise
             ctx.out = out = _check_preds(out, len(x))

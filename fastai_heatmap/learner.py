@@ -20,6 +20,7 @@ from fastai.learner import Learner
 from fastai.losses import BCEWithLogitsLossFlat
 from fastai.vision.core import PILImage, PILBase
 from fastai.torch_core import TensorImage
+from fastai.data.transforms import IntToFloatTensor
 from fastai.callback.fp16 import AMPMode
 from fastprogress.fastprogress import progress_bar
 from .core import *
@@ -27,8 +28,8 @@ from .draw import *
 
 # %% auto #0
 __all__ = ['check_vision_learner', 'is_multilabel', 'vocab_of', 'label_of', 'probs_of', 'thresh_of', 'image_type', 'as_items',
-           'load_item', 'check_bs', 'size_groups', 'label_targets', 'check_decoded', 'warn_coarse', 'explain_batches',
-           'explain_dl']
+           'load_item', 'check_bs', 'size_groups', 'input_region', 'label_targets', 'autocast_of', 'check_decoded',
+           'warn_coarse', 'explain_batches', 'explain_dl']
 
 # %% ../nbs/03_learner.ipynb #7dae69ac
 def check_vision_learner(learn:Learner):
@@ -139,6 +140,58 @@ def size_groups(
         groups.setdefault(shapes[raw], []).append(i)
     return groups
 
+_regions = weakref.WeakKeyDictionary()
+
+def _undo_batch_tfms(dl, xb):
+    "The batch `xb` with the `DataLoader`'s batch transforms undone, as floats (fastai's own decoding truncates to integers)"
+    x = xb
+    for f in reversed(dl.after_batch.fs): x = x * getattr(f, 'div', 255.) if isinstance(f, IntToFloatTensor) else f.decode(x)
+    return x.as_subclass(Tensor).float().cpu()
+
+def _line(v:Tensor):
+    "A line fitted to `v` (values at pixel centres 0.5, 1.5, ...) over its longest straight run through the middle, or None if there is none"
+    n = len(v)
+    u = torch.arange(n, dtype=torch.float64) + .5
+    v = v.double()
+    def fit(lo, hi): return np.polyfit(u[lo:hi].numpy(), v[lo:hi].numpy(), 1)
+    lo, hi = int(n * .4), max(int(n * .6), int(n * .4) + 3)
+    a, b = fit(lo, hi)
+    ok = (v - (a*u + b)).abs() < 2 # the image, not padding, nor past a crop's edge
+    while lo > 0 and ok[lo-1]: lo -= 1
+    while hi < n and ok[hi]: hi += 1
+    lo, hi = lo + 2 if hi - lo > 8 else lo, hi - 2 if hi - lo > 8 else hi # resampling blurs the run's ends
+    a, b = fit(lo, hi)
+    if a <= 0 or (v[lo:hi] - (a*u[lo:hi] + b)).abs().max() > 1.5: return None # not a resize, crop or pad
+    return a, b
+
+def input_region(
+    learn:Learner, # A vision learner
+    size:tuple, # The original image's (width, height)
+)->tuple|None:
+    """Where the model's input lies on an original image of `size`: (x0, x1, y0, y1), the edges in the original's pixels (beyond them
+    where the learner pads). Measured by passing two ramps (of x and of y, dithered) through the learner's own item and batch transforms,
+    so any resize, crop, pad or squish is found; None when the transforms are not of that kind"""
+    cache = _regions.setdefault(learn.dls.valid, {})
+    if tuple(size) in cache: return cache[tuple(size)]
+    W, H = size
+    cls = image_type(learn)
+    mode = cls._open_args.get('mode') or 'RGB'
+    rng = np.random.default_rng(0)
+    def ramp(n, shape): # 0..255 along one side, dithered so that the 8-bit steps average out
+        r = (np.arange(n) + .5) / n * 255
+        return np.clip(np.floor(r.reshape(shape) + rng.random((H, W))), 0, 255).astype(np.uint8)
+    ims = [Image.fromarray(ramp(W, (1, W))), Image.fromarray(ramp(H, (H, 1)))]
+    dl = learn.dls.test_dl([cls.create(im.convert(mode)) for im in ims], num_workers=0)
+    dec = _undo_batch_tfms(dl, dl.one_batch()[0])[:, 0] # (2, h, w) pixel values
+    h, w = dec.shape[-2:]
+    mid = lambda n: slice(int(n * .3), max(int(n * .7), int(n * .3) + 1))
+    fx, fy = _line(dec[0, mid(h)].mean(0)), _line(dec[1, :, mid(w)].mean(1))
+    if fx is None or fy is None: cache[tuple(size)] = None; return None
+    edges = [fx[1] / 255 * W, (fx[0]*w + fx[1]) / 255 * W, fy[1] / 255 * H, (fy[0]*h + fy[1]) / 255 * H]
+    snap = lambda v: float(round(v)) if abs(v - round(v)) < .35 else float(v) # crops and pads are whole pixels; 8-bit ramps blur that a little
+    cache[tuple(size)] = tuple(snap(v) for v in edges)
+    return cache[tuple(size)]
+
 def _check_one_size(groups:dict, items:list):
     if len(groups) <= 1: return
     desc = '; '.join(f"{h}×{w} for {len(ix)} item{'s' if len(ix) > 1 else ''} (such as {str(items[ix[0]]) if isinstance(items[ix[0]], Path) else f'item {ix[0]}'})"
@@ -177,9 +230,10 @@ def label_targets(
     return torch.tensor([_idx(t) for t in ts])
 
 # %% ../nbs/03_learner.ipynb #879d8741
-def _autocast(learn, device):
+def autocast_of(learn:Learner):
     "Autocast as fastai's `MixedPrecision` does it (on CUDA only), when the learner has `to_fp16()`/`to_bf16()`"
     mp = getattr(learn, 'mixed_precision', None)
+    device = next(learn.model.parameters()).device
     if mp is None or device.type != 'cuda': return nullcontext()
     return torch.autocast('cuda', dtype=torch.bfloat16 if mp.amp_mode == AMPMode.BF16 else torch.float16)
 
@@ -231,13 +285,12 @@ def explain_batches(
     "For each batch of `dl`: its `Explanation`, its input batch and its labels (None without labels)"
     check_vision_learner(learn)
     model, n_inp, mod, i = unwrap_model(learn.model), getattr(dl, 'n_inp', 1), layer, 0
-    device = next(model.parameters()).device
     for b in _batches(learn, dl):
         xb, yb = b[0], (b[n_inp] if len(b) > n_inp else None)
         meth = get_method(method)
         if meth.uses_layer and not isinstance(mod, nn.Module): mod = resolve_layer(model, layer, xb.as_subclass(Tensor), meth.min_size)[0]
         tg = (lambda p, yb=yb: targets(p, yb)) if callable(targets) else targets[i:i+len(xb)] if isinstance(targets, Tensor) and targets.ndim else targets
-        with _autocast(learn, device): e = explain(model, xb, tg, method=method, layer=mod, **{'bar': _bar(learn), **kwargs})
+        with autocast_of(learn): e = explain(model, xb, tg, method=method, layer=mod, **{'bar': _bar(learn), **kwargs})
         if warn_small: warn_coarse(model, xb, e, meth)
         i += len(xb)
         yield e, xb, yb
@@ -325,8 +378,8 @@ def _cells(learn, e, probs):
         res.append((i, e.maps[i], title))
     return res
 
-def _explain_shown(learn, items, targets, method, layer, **kwargs):
-    "Explanations and decoded images of items to draw, a group per image size; for multi-label learners, every label"
+def _explain_shown(learn, items, targets, method, layer, original=True, **kwargs):
+    "Explanations, and the images to draw them on (and the maps' regions on them), of items to draw, a group per image size; for multi-label learners, every label"
     check_vision_learner(learn)
     items = [load_item(o, learn) for o in as_items(items)]
     if not items: raise ValueError("No items to show: pass an image file, an image, or a list of them.")
@@ -336,8 +389,18 @@ def _explain_shown(learn, items, targets, method, layer, **kwargs):
     for ix in size_groups(learn, items).values():
         t = tg[ix] if isinstance(tg, Tensor) else tg
         e, imgs = learn.explain([items[i] for i in ix], t, method=method, layer=layer, with_input=True, warn_small=True, **kwargs)
-        for j, i in enumerate(ix): res[i] = (e, j, imgs[j])
+        for j, i in enumerate(ix): res[i] = (e, j, *_on_original(learn, items[i], imgs[j], original))
     return res
+
+def _on_original(learn, item, img, original):
+    "The image to draw on and the map's region on it: the original image, where the item is one and the transforms allow, else what the model saw"
+    if not original or _raw_size(item) is None: return img, None
+    region = input_region(learn, _raw_size(item))
+    if region is None:
+        warnings.warn("The learner's transforms are not a resize, crop or pad, so the map cannot be placed on the original image: it is drawn on what the model saw.")
+        return img, None
+    im = Image.open(item) if isinstance(item, Path) else item
+    return (im.convert('L') if im.mode in ('L', 'I;16', 'I', 'F', '1') else im.convert('RGB')), region
 
 # %% ../nbs/03_learner.ipynb #13000188
 @patch
@@ -352,20 +415,22 @@ def show_cam(self:Learner,
     ax=None, # Axes to draw on; a new figure when None
     figsize:tuple|None=None, # Size of the new figure
     colorbar:bool=False, # Draw a colour bar beside the map
+    original:bool=True, # For a file or an image: draw on the original, at full size (the part the model never saw left uncoloured); False: on what the model saw
     **kwargs,
 ):
-    "Draw `item` (decoded) with its heatmap over it, titled with the prediction and its probability; returns the axes (a list of them for a multi-label learner)"
+    "Draw `item` with its heatmap over it, titled with the prediction and its probability; returns the axes (a list of them for a multi-label learner)"
     if isinstance(item, (list, L)): raise TypeError("`show_cam` draws one item; for several, use `learn.show_cams`.")
-    (e, j, img), = _explain_shown(self, [item], None if target is None else [target], method, layer, **kwargs)
+    (e, j, img, region), = _explain_shown(self, [item], None if target is None else [target], method, layer, original, **kwargs)
     e = e._replace(maps=e.maps[j:j+1], preds=e.preds[j:j+1], targets=e.targets[j:j+1], negative=e.negative[j:j+1])
     cells = _cells(self, e, probs_of(self, e.preds))
     kw = dict(alpha=alpha, cmap=cmap, colorbar=colorbar, **color_range(kwargs.get('norm', 'image')))
     if len(cells) == 1:
         _, m, title = cells[0]
-        ax = show_heatmap(img, m if m is not None else torch.zeros(img.shape[-2:]), ax=ax, figsize=figsize, title=f"{title}\n{_where(e)}", **kw)
+        ax = show_heatmap(img, m if m is not None else torch.zeros(e.maps.shape[-2:]), ax=ax, figsize=figsize, title=f"{title}\n{_where(e)}", region=region, **kw)
         if m is None: ax.get_images()[-1].set_alpha(0)
         return ax
-    fig = heatmap_grid([img]*len(cells), [m for _, m, _ in cells], [t for *_, t in cells], nrows=1, figsize=figsize, suptitle=_where(e), **kw)
+    fig = heatmap_grid([img]*len(cells), [m for _, m, _ in cells], [t for *_, t in cells], nrows=1, figsize=figsize, suptitle=_where(e),
+                       regions=[region]*len(cells), **kw)
     return [a for a in fig.axes if a.get_images()]
 
 # %% ../nbs/03_learner.ipynb #36f658e1
@@ -381,14 +446,15 @@ def show_cams(self:Learner,
     nrows:int|None=None, ncols:int|None=None, # Grid shape (fastai's `get_grid` defaults)
     figsize:tuple|None=None, # Size of the figure
     colorbar:bool=False, # Draw a colour bar beside each map
+    original:bool=True, # For files and images: draw on the originals (the part the model never saw left uncoloured); False: on what the model saw
     **kwargs,
 ):
     "`show_cam` for many items, batched (a batch per image size), as a grid; returns the figure"
-    shown = _explain_shown(self, items, targets, method, layer, **kwargs)
-    pics, maps, titles = [], [], []
-    for e, j, img in shown:
+    shown = _explain_shown(self, items, targets, method, layer, original, **kwargs)
+    pics, maps, titles, regions = [], [], [], []
+    for e, j, img, region in shown:
         one = e._replace(maps=e.maps[j:j+1], preds=e.preds[j:j+1], targets=e.targets[j:j+1], negative=e.negative[j:j+1])
         for _, m, t in _cells(self, one, probs_of(self, one.preds)):
-            pics.append(img); maps.append(m if m is not None else torch.full(img.shape[-2:], float('nan'))); titles.append(t)
-    return heatmap_grid(pics, maps, titles, nrows=nrows, ncols=ncols, figsize=figsize, suptitle=_where(shown[0][0]),
+            pics.append(img); maps.append(m if m is not None else torch.full(e.maps.shape[-2:], float('nan'))); titles.append(t); regions.append(region)
+    return heatmap_grid(pics, maps, titles, nrows=nrows, ncols=ncols, figsize=figsize, suptitle=_where(shown[0][0]), regions=regions,
                         alpha=alpha, cmap=cmap, colorbar=colorbar, **color_range(kwargs.get('norm', 'image')))
