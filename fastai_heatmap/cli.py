@@ -18,7 +18,8 @@ from fastai.learner import load_learner
 from fastai.data.transforms import get_image_files
 from .core import *
 from .draw import *
-from .data import make_digits, demo_learner, get_boxes, pointing_game
+from .data import make_digits, demo_learner, get_boxes
+from .metrics import pointing_game
 from .learner import *
 from .interpret import HeatmapInterpretation
 

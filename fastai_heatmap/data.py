@@ -16,7 +16,7 @@ from fastai.vision.all import (ImageDataLoaders, Normalize, imagenet_stats, visi
                                set_seed, Learner, get_image_files)
 
 # %% auto #0
-__all__ = ['make_digits', 'get_boxes', 'digits_dls', 'demo_learner', 'pointing_game']
+__all__ = ['make_digits', 'get_boxes', 'digits_dls', 'demo_learner']
 
 # %% ../nbs/01_data.ipynb #d728c973
 _version = 1 # bump when the generator changes, so that cached datasets and models are rebuilt
@@ -130,18 +130,3 @@ def demo_learner(
         torch.save(learn.model.state_dict(), tmp)
         os.replace(tmp, fn) # atomic: notebooks run in parallel may train and save at the same time
     return learn
-
-# %% ../nbs/01_data.ipynb #aeb47ad5
-def pointing_game(
-    maps:torch.Tensor, # Heatmaps (N, h, w), at any resolution
-    boxes:torch.Tensor, # Object boxes (x0, y0, x1, y1) in image pixels, (N, 4); x1 and y1 exclusive
-    img_size:tuple|None=None, # The images' (H, W) when the maps are smaller; the maps' own size when None
-    tol:float=0, # Also count a peak within `tol` pixels of the box (Zhang et al. use 15 on 224-pixel images)
-)->torch.Tensor:
-    "Whether the centre of each map's highest cell lies inside its box: the pointing game of Zhang et al. 2016, 'Top-down Neural Attention by Excitation Backprop'"
-    n, h, w = maps.shape
-    H, W = img_size or (h, w)
-    idx = maps.flatten(1).argmax(1)
-    y, x = (idx // w + 0.5) * H / h, (idx % w + 0.5) * W / w
-    b = boxes.to(maps.device).float()
-    return (x >= b[:,0]-tol) & (x < b[:,2]+tol) & (y >= b[:,1]-tol) & (y < b[:,3]+tol)

@@ -20,9 +20,10 @@ from fastai.torch_core import TensorImage
 from .core import *
 from .draw import *
 from .learner import *
+from .metrics import border_mass
 
 # %% auto #0
-__all__ = ['HeatmapInterpretation', 'ClassHeatmaps', 'border_mass']
+__all__ = ['HeatmapInterpretation', 'ClassHeatmaps']
 
 # %% ../nbs/04_interpret.ipynb #4023d211
 _targets_doc = "'pred', 'actual', 'both' or a label of the vocab"
@@ -234,16 +235,6 @@ class ClassHeatmaps(NamedTuple):
         fig = heatmap_grid(self.images, self.maps, titles, nrows=nrows, ncols=ncols, figsize=figsize, suptitle=sup, alpha=alpha, cmap=cmap, **kwargs)
         fig.tight_layout() # room for the two-line title above the cells' titles
         return fig
-
-# %% ../nbs/04_interpret.ipynb #5408feb5
-def border_mass(maps:Tensor, border:float=0.125)->tuple:
-    "Share of each map's mass (…, H, W) in the band of width `border` (a fraction of each side) along the image's edges, and that of a uniform map"
-    h, w = maps.shape[-2:]
-    bh, bw = max(1, round(h*border)), max(1, round(w*border))
-    band = torch.ones(h, w, device=maps.device)
-    band[bh:h-bh, bw:w-bw] = 0
-    tot = maps.sum((-2, -1))
-    return torch.where(tot > 0, (maps*band).sum((-2, -1)) / tot.clamp_min(1e-12), torch.zeros_like(tot)), band.mean().item()
 
 # %% ../nbs/04_interpret.ipynb #8dd4b774
 def _first_per_class(interp, target, max_n):

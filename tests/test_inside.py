@@ -1,0 +1,237 @@
+"""What the layers learned: filter and feature-map tiles equal the weights and activations, activation maximization raises
+its objective and leaves the model exactly as it was, show_conv equals a convolution computed by hand, show_methods equals
+learn.heatmap; on the demo learner and on timm CNNs; bad input."""
+import warnings
+import numpy as np, pytest, torch
+import matplotlib.pyplot as plt
+from PIL import Image
+from torch import nn
+from fastai.vision.all import vision_learner, Learner, CrossEntropyLossFlat, TensorImage
+from fastai_heatmap.all import *
+from conftest import model_state, assert_same_state
+
+
+@pytest.fixture(scope='module')
+def timm_learn(demo):
+    "A timm resnet18 through `vision_learner` (a `TimmBody`), untrained"
+    pytest.importorskip('timm')
+    return vision_learner(demo.dls, 'resnet18', pretrained=False)
+
+
+@pytest.fixture(scope='module')
+def timm_plain(demo):
+    "A timm resnet18 created by timm itself, wrapped in a plain `Learner`"
+    timm = pytest.importorskip('timm')
+    torch.manual_seed(0)
+    return Learner(demo.dls, timm.create_model('resnet18', pretrained=False, num_classes=4), loss_func=CrossEntropyLossFlat())
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close('all')
+
+
+def _arrays(fig): return [np.asarray(a.get_images()[0].get_array()) for a in fig.axes if a.get_images()]
+def _titles(fig): return [a.get_title() for a in fig.axes if a.get_images()]
+
+
+def _output(model, name, xb):
+    "The output of layer `name` for `xb`, by a plain forward hook that copies it"
+    store = {}
+    def keep(m, i, o): store['o'] = o.detach().clone() # returns None: the model's own output goes on
+    h = model.get_submodule(name).register_forward_hook(keep)
+    was = model.training
+    try:
+        with torch.no_grad(): model.eval()(xb)
+    finally: h.remove(); model.train(was)
+    return store['o']
+
+
+@pytest.mark.parametrize('which', ['demo', 'timm_learn', 'timm_plain'])
+def test_filter_tiles_are_the_weights(which, request):
+    learn = request.getfixturevalue(which)
+    first = conv_layers(learn.model)[0]
+    w = learn.model.get_submodule(first).weight.detach()
+    fig = learn.show_filters()
+    tiles = _arrays(fig)
+    assert len(tiles) == min(64, len(w))
+    assert _titles(fig) == [str(i) for i in range(len(tiles))]
+    for i, t in enumerate(tiles): # the first layer sees RGB: each kernel scaled to [0, 1]
+        k = w[i]
+        np.testing.assert_allclose(t, ((k - k.min()) / (k.max() - k.min())).permute(1, 2, 0).numpy(), atol=1e-6)
+    deep = conv_layers(learn.model)[5]
+    w = learn.model.get_submodule(deep).weight.detach()
+    fig = learn.show_filters(deep, max_n=12, in_channel=2)
+    tiles = _arrays(fig)
+    assert len(tiles) == 12
+    for i, t in enumerate(tiles): np.testing.assert_array_equal(t, w[i, 2].numpy())
+    assert fig.axes[0].get_images()[0].get_clim() == pytest.approx((-np.abs(w[:12, 2]).max().item(), np.abs(w[:12, 2]).max().item()))
+
+
+@pytest.mark.parametrize('which,layer', [('demo', '0.4'), ('demo', '0.1'), ('timm_learn', '0.model.layer2'), ('timm_plain', 'layer1')])
+def test_feature_map_tiles_are_the_activations(which, layer, request):
+    learn = request.getfixturevalue(which)
+    fn = learn.dls.valid_ds.items[7]
+    xb = learn.dls.test_dl([fn]).one_batch()[0]
+    a = _output(learn.model, layer, xb)[0] # '0.1' is followed by an in-place ReLU: the tiles must be the BatchNorm's own output
+    before = model_state(learn.model)
+    fig = learn.show_feature_maps(fn, layer, max_n=20)
+    assert_same_state(before, model_state(learn.model))
+    chans = [int(t) for t in _titles(fig)]
+    assert len(chans) == 20 and chans == a.mean((1, 2)).argsort(descending=True)[:20].tolist()
+    for c, t in zip(chans, _arrays(fig)): np.testing.assert_allclose(t, a[c].numpy(), rtol=1e-5, atol=1e-6)
+    if layer == '0.1': assert a.min() < 0
+
+
+def test_feature_maps_default_layer(demo, timm_learn):
+    fn = demo.dls.valid_ds.items[0]
+    assert demo.feature_maps(fn)[1] == '0.5' # the deepest with maps of at least 8×8 at 64 px
+    a, name = timm_learn.feature_maps(fn)
+    assert min(a.shape[-2:]) >= 8
+
+
+def test_show_conv_matches_a_hand_computed_convolution(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 7, 9, generator=g)
+    k = torch.tensor([[1., -2, 0.5], [0, 3, -1], [2, 1, -1]])
+    def by_hand(x, k, pad=0, stride=1):
+        xp = torch.nn.functional.pad(x, (pad,)*4)
+        H, W = (xp.shape[1] - 3) // stride + 1, (xp.shape[2] - 3) // stride + 1
+        out = np.zeros((H, W))
+        for i in range(H):
+            for j in range(W):
+                out[i, j] = sum(float(xp[c, i*stride + a, j*stride + b]) * float(k[a, b]) for c in range(xp.shape[0]) for a in range(3) for b in range(3))
+        return out
+    for pad, stride in ((0, 1), (1, 1), (1, 2)):
+        axs = show_conv(x, k, padding=pad, stride=stride)
+        np.testing.assert_allclose(np.asarray(axs[1].get_images()[0].get_array()), by_hand(x, k, pad, stride), rtol=1e-5, atol=1e-5)
+    for name in conv_kernels: # every named kernel, on a file, as uint8 pixels
+        Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp_path/'x.png')
+        px = torch.from_numpy(np.array(Image.open(tmp_path/'x.png'))).permute(2, 0, 1).float() / 255
+        axs = show_conv(tmp_path/'x.png', name)
+        np.testing.assert_allclose(np.asarray(axs[1].get_images()[0].get_array()), by_hand(px, conv_kernels[name]), rtol=1e-4, atol=1e-4)
+    grey = Image.fromarray((x[0].numpy() * 255).round().astype(np.uint8))
+    axs = show_conv(grey, 'sobel_y')
+    np.testing.assert_allclose(np.asarray(axs[1].get_images()[0].get_array()), by_hand(torch.from_numpy(np.array(grey))[None].float() / 255, conv_kernels['sobel_y']), rtol=1e-4, atol=1e-4)
+
+
+def _noise(n, seed=0): return 0.2 * torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize('which', ['demo', 'timm_plain'])
+def test_activation_maximization_raises_the_score_and_leaves_the_model(which, request):
+    learn = request.getfixturevalue(which)
+    model = learn.model
+    # a model in train mode, with some frozen parameters and some .grad already there: all of it must come back as it was
+    model.train()
+    params = list(model.parameters())
+    params[0].requires_grad_(False)
+    for p in params[-4:]: p.grad = torch.randn_like(p)
+    try:
+        before = model_state(model)
+        rng = torch.get_rng_state()
+        # the demo learner with the defaults; the untrained timm model without regularizers: its random features depend on exact
+        # pixel positions (jitter undoes each step) and its logits barely move (the smoothness penalty outweighs them)
+        kw = {} if which == 'demo' else dict(jitter=0, tv_weight=0)
+        x, start, final = optimize_input(model, _noise(4), torch.arange(4), steps=24, **kw)
+        assert_same_state(before, model_state(model))
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert (final > start).all(), (start, final)
+        with torch.no_grad(), eval_mode(model): assert torch.allclose(model(x).gather(1, torch.arange(4)[:, None])[:, 0], final, atol=1e-3)
+        x, start, final = optimize_input(model, _noise(2), layer=conv_layers(model)[-1], channel=[3, 7], steps=12, **kw)
+        assert (final > start).all()
+        imgs = learn.max_activation(['0', '7'], steps=8)
+        assert imgs.shape == (2, 3, 64, 64)
+        assert_same_state(before, model_state(model))
+    finally:
+        params[0].requires_grad_(True)
+        for p in params: p.grad = None
+        model.eval()
+
+
+def test_max_activation_gives_what_the_model_takes_for_the_class(demo):
+    imgs = demo.max_activation(['0', '1', '4', '7'], steps=64)
+    enc = demo.dls.valid.after_batch(TensorImage(imgs.byte()))
+    with torch.no_grad(): p = demo.model.eval()(enc).softmax(1)
+    assert (p.argmax(1) == torch.arange(4)).all() and (p.diagonal() > 0.9).all(), p
+    assert imgs.min() >= 0 and imgs.max() <= 255 # kept within real pixels
+    one = demo.max_activation('1', steps=4, show=True)
+    assert one.shape == (3, 64, 64)
+    assert plt.gcf().axes[0].get_title().startswith('1 (')
+
+
+def test_activation_maximization_is_batched(demo):
+    "Several targets at once give each image what it gets alone (the same start and the same jitter)"
+    x0, t = _noise(3, seed=1), torch.tensor([0, 2, 3])
+    both, _, f = optimize_input(demo.model, x0, t, steps=6)
+    one, _, f1 = optimize_input(demo.model, x0[1:2], t[1:2], steps=6)
+    assert torch.allclose(both[1:2], one, atol=1e-3) and torch.allclose(f[1:2], f1, rtol=1e-3)
+
+
+def test_show_methods_equals_learn_heatmap(demo, timm_plain):
+    fn = demo.dls.valid_ds.items[3]
+    for learn, layer in ((demo, None), (demo, '0.5'), (timm_plain, 'layer3')):
+        ms = ['gradcam', 'layercam', 'saliency', get_method('integrated_gradients', steps=8)]
+        fig = learn.show_methods(fn, ms, target='4', layer=layer)
+        cells = [a for a in fig.axes if a.get_images()]
+        assert len(cells) == 5 and len(cells[0].get_images()) == 2
+        for ax, m in zip(cells[1:], ms):
+            name = get_method(m).name
+            assert ax.get_title().split('\n')[0] == name
+            cost = list_methods().set_index('name').loc[name, 'cost']
+            assert ' '.join(ax.get_title().split('\n')[1:]) == cost
+            kw = dict(layer=layer) if get_method(m).uses_layer else {}
+            ref = learn.heatmap(fn, '4', method=m, **kw)[0]
+            np.testing.assert_allclose(np.asarray(ax.get_images()[1].get_array()), ref.numpy(), atol=1e-5)
+
+
+def test_nothing_leaves_hooks_or_changes_the_model(demo):
+    fn = demo.dls.valid_ds.items[0]
+    before = model_state(demo.model)
+    demo.show_filters(); demo.show_feature_maps(fn, '0.6'); demo.max_activation('0', steps=2); demo.show_methods(fn, ['gradcam', 'guided'])
+    for bad in (lambda: demo.show_feature_maps(fn, '1.4'), lambda: demo.max_activation(layer='0.6', channel=999, steps=2)):
+        with pytest.raises(ValueError): bad()
+    assert_same_state(before, model_state(demo.model))
+
+
+@pytest.mark.parametrize('call,exc,msg', [
+    (lambda l: l.show_filters('0.2'), ValueError, "Layer '0.2' (ReLU) has no convolution kernels"),
+    (lambda l: l.show_filters('0.5'), ValueError, "The convolutions inside it are '0.5.0.conv1'"),
+    (lambda l: l.show_filters('1.8'), ValueError, "Layer '1.8' (Linear) has no convolution kernels"),
+    (lambda l: l.show_filters('0.55'), ValueError, "no layer named '0.55'"),
+    (lambda l: l.show_filters(max_n=0), ValueError, '`max_n` should be an int ≥ 1'),
+    (lambda l: l.show_filters(in_channel=3), ValueError, 'an int from 0 to 2'),
+    (lambda l: l.show_feature_maps(l.dls.valid_ds.items[0], '1.4'), ValueError, 'not feature maps'),
+    (lambda l: l.show_feature_maps(l.dls.valid_ds.items[:2]), TypeError, 'one item'),
+    (lambda l: l.max_activation('9'), ValueError, "Unknown label '9'"),
+    (lambda l: l.max_activation('7', steps=0), ValueError, '`steps` should be an int ≥ 1'),
+    (lambda l: l.max_activation('7', steps=2.5), ValueError, '`steps` should be an int ≥ 1'),
+    (lambda l: l.max_activation('7', lr=-1), ValueError, '`lr` should be a number > 0'),
+    (lambda l: l.max_activation('7', jitter=-1), ValueError, '`jitter` should be an int ≥ 0'),
+    (lambda l: l.max_activation('7', tv_weight=-1), ValueError, '`tv_weight` should be a number ≥ 0'),
+    (lambda l: l.max_activation(), ValueError, 'Pass a class to excite'),
+    (lambda l: l.max_activation([]), ValueError, 'Nothing to excite'),
+    (lambda l: l.max_activation('7', channel=1), ValueError, 'not both'),
+    (lambda l: l.max_activation(layer='0.6', channel=256, steps=1), ValueError, "not a channel of layer '0.6', which has 256"),
+    (lambda l: l.max_activation('7', size=(0, 4)), ValueError, '`size` should be an int or (H, W)'),
+    (lambda l: l.show_methods(l.dls.valid_ds.items[0], 'gradcam'), TypeError, 'list of method names'),
+    (lambda l: l.show_methods(l.dls.valid_ds.items[0], ['gradcm']), ValueError, "Did you mean 'gradcam'"),
+])
+def test_bad_input(demo, call, exc, msg):
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        with pytest.raises(exc) as e: call(demo)
+    assert msg in str(e.value), str(e.value)
+
+
+def test_class_index_out_of_range(demo):
+    with pytest.warns(UserWarning, match='read as the class index 9'), pytest.raises(IndexError, match='out of range'): demo.max_activation(9, steps=1)
+
+
+def test_show_conv_bad_input():
+    for bad, msg in (('nope', "Unknown kernel 'nope'"), (torch.ones(3), 'should be 2-D')):
+        with pytest.raises(ValueError, match=msg): show_conv(torch.rand(3, 8, 8), bad)
+    with pytest.raises(FileNotFoundError): show_conv('missing.png')
+    with pytest.raises(ValueError, match='one image'): show_conv(torch.rand(2, 3, 8, 8))
+    with pytest.raises(TypeError, match='an image file'): show_conv(3)
