@@ -31,7 +31,7 @@ def test_every_layer_method_on_a_vit(x224, name):
     try: e = explain(vit, x224, method=name, norm=None)
     except ValueError as err:  # CAM needs a pooling → Linear head after the layer: a ViT's is a norm and the class token
         assert name == 'cam' and "Use method='gradcam'" in str(err); return
-    assert e.layer == 'blocks.11.norm1' and e.layer_size == (14, 14)
+    assert e.layer == 'blocks.11.norm1' and e.layer_size == ((224, 224) if name == 'guided_gradcam' else (14, 14))  # guided Grad-CAM's map is the input's
     assert e.maps.shape == (1, 224, 224) and torch.isfinite(e.maps).all()
     assert_same_state(before, model_state(vit))
 
@@ -121,7 +121,7 @@ def test_heatmap_callback_changes_nothing(demo):
     "Training with the callback gives the same weights as without; the model's flags are those of training"
     def train(cbs):
         set_seed(0)
-        learn = vision_learner(demo.dls, resnet18, pretrained=False)
+        learn = vision_learner(digits_dls(demo.dls.path), resnet18, pretrained=False)  # fresh DataLoaders: their shuffling state is part of the run
         with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-3, cbs=cbs)
         return learn
     cb = HeatmapCallback(demo.dls.valid_ds.items[:3], method='gradcam++')

@@ -209,7 +209,8 @@ def test_cli_round_trip(demo, tmp_path, capsys):
     e = demo.explain([fns[0]], layer='0.6')
     assert row.predicted == demo.dls.vocab[e.preds[0].argmax()] == row.explained
     assert row.probability == pytest.approx(e.preds[0].softmax(0).max().item(), abs=1e-4)
-    assert np.asarray(Image.open(out/row.heatmap)).shape == (64, 64, 3)
+    png = Image.open(out/row.heatmap)
+    assert png.size[0] == 320 and png.size[1] > 320  # the 64-pixel original enlarged to 320 pixels, and a title above it
     # a label to explain in every image, and cam on a head that is not pooling → Linear: a clear error, status 2
     assert main(['explain', str(pkl), str(extra), '--out', str(tmp_path/'o2'), '--target', '1', '--layer', '0.6']) == 0
     assert (pd.read_csv(tmp_path/'o2'/'predictions.csv', dtype=str).explained == '1').all()

@@ -139,9 +139,16 @@ def test_scorecam_and_ablationcam_skip_dead_channels():
         with torch.no_grad(): model(x)
     alive = int(h.stored.flatten(2).ne(0).any(2).sum())
     assert 0 < alive < 2 * 512
-    for name in ('scorecam', 'ablationcam'):
-        calls = []
-        handle = model.register_forward_pre_hook(lambda m, i: calls.append(len(i[0])))
-        try: heatmap(model, x, method=name, layer='layer4', batch_size=10000)
-        finally: handle.remove()
-        assert sum(calls) == len(x) + alive  # the forward for the predictions, then one input per live (sample, channel)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, i: calls.append(len(i[0])))
+    try: heatmap(model, x, method='scorecam', layer='layer4', batch_size=10000)
+    finally: handle.remove()
+    assert sum(calls) == len(x) + alive  # the forward for the predictions, then one masked input per live (sample, channel)
+    from fastai_heatmap.core import Context
+    rows = []
+    orig = Context.run_with_layer
+    def spy(self, r, a): rows.append(len(r)); return orig(self, r, a)
+    Context.run_with_layer = spy
+    try: heatmap(model, x, method='ablationcam', layer='layer4', batch_size=10000)
+    finally: Context.run_with_layer = orig
+    assert sum(rows) == alive  # one ablated copy per live (sample, channel)
