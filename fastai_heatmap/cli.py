@@ -57,7 +57,7 @@ def _rows(learn, files, e, probs):
 def save_heatmap(
     fn, # The PNG to write
     img, # The original image (a PIL image)
-    hm:Tensor, # Its heatmap
+    hm:torch.Tensor, # Its heatmap
     region:tuple|None, # Where the model's input lies on the image (`input_region`); None to draw on `model_img` instead
     model_img=None, # The decoded image the model saw (C, H, W), drawn when `region` is None
     title:str='', # The figure's title

@@ -13,16 +13,29 @@ import numpy as np, pandas as pd, torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from fastcore.basics import store_attr
+from fastcore.meta import delegates
 from fastai.callback.hook import Hooks
 from fastai.layers import AdaptiveConcatPool2d
 from fastprogress.fastprogress import progress_bar
 from .hooks import *
 
 # %% auto #0
-__all__ = ['eval_mode', 'unwrap_model', 'layer_shapes', 'default_layer', 'resolve_layer', 'resolve_targets', 'normalize_maps',
-           'Method', 'Context', 'ReplaceOutput', 'MapLayout', 'map_layout', 'LayerMethod', 'reduce_channels',
-           'InputGradientMethod', 'PerturbationMethod', 'register_method', 'method_names', 'get_method', 'list_methods',
-           'Explanation', 'explain', 'heatmap']
+__all__ = ['delegated', 'eval_mode', 'unwrap_model', 'layer_shapes', 'default_layer', 'resolve_layer', 'resolve_targets',
+           'normalize_maps', 'Method', 'Context', 'ReplaceOutput', 'MapLayout', 'map_layout', 'LayerMethod',
+           'reduce_channels', 'InputGradientMethod', 'PerturbationMethod', 'register_method', 'method_names',
+           'get_method', 'list_methods', 'Explanation', 'explain', 'heatmap']
+
+# %% ../nbs/02_core.ipynb #5b6c7d8e
+def delegated(
+    to, # The function whose keyword arguments the decorated one passes on
+    but:list|None=None, # Arguments not to take from `to`
+):
+    "fastcore's `delegates(to, keep=True)`, with the delegated arguments' documentation found by `docments` (and so in the docs)"
+    def _f(f):
+        f = delegates(to, keep=True, but=but)(f)
+        f.__delwrap__ = to
+        return f
+    return _f
 
 # %% ../nbs/02_core.ipynb #5d004740
 @contextmanager

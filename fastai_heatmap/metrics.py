@@ -11,7 +11,6 @@ import numpy as np, pandas as pd, torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from fastcore.basics import patch, ifnone
-from fastcore.meta import delegates
 from fastcore.xtras import is_listy
 from fastai.learner import Learner
 from .core import *
@@ -122,7 +121,7 @@ def curve_auc(
     return (curves[..., 1:] + curves[..., :-1]).sum(-1) / (2 * (curves.shape[-1] - 1))
 
 # %% ../nbs/03b_metrics.ipynb #6a3c1132
-@delegates(Learner.explain, keep=True, but=['targets', 'method', 'with_input', 'batch_size', 'act'])
+@delegated(Learner.explain, but=['targets', 'method', 'with_input', 'batch_size', 'act'])
 def heatmap_faithfulness(
     learn:Learner, # A vision learner
     items, # Image files, PIL images, arrays, or items of the kind `learn.dls` was built from
@@ -241,7 +240,7 @@ def _in_order(model, xb, blocks):
     return sorted(set(names), key=ran.index)
 
 @patch
-@delegates(explain, keep=True, but=['model', 'xb', 'targets', 'method', 'layer', 'bar'])
+@delegated(explain, but=['model', 'xb', 'targets', 'method', 'layer', 'bar'])
 def cam_sanity_check(self:Learner,
     items, # Image files, PIL images, arrays, or items of the kind `learn.dls` was built from (a few: each step explains them all)
     method:str='gradcam', # A method's name (`list_methods()`)
