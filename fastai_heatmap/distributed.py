@@ -61,6 +61,13 @@ class LaunchError(RuntimeError): "The processes a launcher started cannot share 
 _cpu_hint = ("On a machine without GPUs the processes must ask for the CPU: PartialState(cpu=True) or Accelerator(cpu=True) in a script "
              "that makes its own, or ACCELERATE_USE_CPU=1 in the environment.")
 
+@functools.cache
+def _warn_alone():
+    "Say once that `accelerate launch --cpu --num_processes N` started this process alone"
+    warnings.warn("`accelerate launch --cpu` starts a single process unless mpirun runs it: this one does all the work. "
+                  "For N processes on one machine use `accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N`; "
+                  "without GPUs they run on the CPU.")
+
 def _group()->Processes:
     "The processes of the initialized default process group"
     size = dist.get_world_size()
@@ -78,10 +85,7 @@ def processes(
         if n > 1 and p.size != n: raise LaunchError(f"The launcher started {n} processes, but the process group has {p.size}.")
         return p
     if n <= 1:
-        if _env_flag('ACCELERATE_USE_CPU') and os.environ.get('MASTER_ADDR') and 'LOCAL_RANK' not in os.environ:
-            warnings.warn("`accelerate launch --cpu` starts a single process unless mpirun runs it: this one does all the work. "
-                          "For N processes on one machine use `accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N`; "
-                          "without GPUs they run on the CPU.")
+        if _env_flag('ACCELERATE_USE_CPU') and os.environ.get('MASTER_ADDR') and 'LOCAL_RANK' not in os.environ: _warn_alone()
         return Processes(0, 1, 0, 1, torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available() else torch.device('cpu'))
     try: from accelerate import PartialState
     except ImportError:
