@@ -12,6 +12,7 @@ from PIL import Image
 import matplotlib
 import matplotlib.pyplot as plt
 import torch
+from torch import Tensor
 import numpy as np, pandas as pd
 from fastprogress.fastprogress import progress_bar
 from fastai.learner import load_learner
