@@ -166,7 +166,7 @@ def _cat(xs):
     return None if xs[0] is None else torch.cat(xs)
 
 def gather_cat(
-    t:Tensor|None, # This process's rows (None, or an empty tensor, when it has none)
+    t:Tensor|None, # This process's rows (None when it has none)
 )->Tensor:
     "The rows `t` of every process, end to end in rank order, on `t`'s device; every process gets them (`t` in a single process)"
     p = processes()
@@ -180,8 +180,8 @@ def reduce_sum(
     "Each of `ts` summed over the processes (`all_reduce`), on every process; a process's None counts as zeros"
     p = processes()
     if p.size == 1: return ts
-    specs = [next((s[i] for s in gather_objects([None if t is None else (tuple(t.shape), t.dtype) for t in ts]) if s[i] is not None), None)
-             for i in range(len(ts))]
+    every = gather_objects([None if t is None else (tuple(t.shape), t.dtype) for t in ts]) # each process's shapes, for those that have none
+    specs = [next((s[i] for s in every if s[i] is not None), None) for i in range(len(ts))]
     res, dev = [], _comm_device()
     for t, s in zip(ts, specs):
         if s is None: res.append(None); continue

@@ -99,16 +99,19 @@ SCRIPT = textwrap.dedent('''
     interp = HeatmapInterpretation.from_learner(learn, dl=learn.dls.test_dl(files, with_labels=True))
     ch, ch2 = interp.class_heatmaps(), interp.class_heatmaps(target='pred', max_n=2)
     cm = interp.confusion_matrix()
+    one = HeatmapInterpretation.from_learner(learn, dl=learn.dls.test_dl(files[:1], with_labels=True)).class_heatmaps() # process 1 has no item
     maps = gather_cat(learn.heatmap(shard(files)))                        # the explain loop, shared out by hand
     learn.model = torch.nn.parallel.DistributedDataParallel(learn.model)  # as a DDP-trained learner has it:
     own = learn.heatmap(files[:3] if p.rank == 0 else files[3:5])         # unequal work per process, no collective
-    if p.main: torch.save(dict(size=p.size, losses=interp.losses, ch=ch._asdict(), ch2=ch2._asdict(), cm=cm, maps=maps, own=own), out)
+    if p.main: torch.save(dict(size=p.size, threads=torch.get_num_threads(), losses=interp.losses, ch=ch._asdict(), ch2=ch2._asdict(),
+                               one=one._asdict(), cm=cm, maps=maps, own=own), out)
 ''')
 
 
 @pytest.mark.timeout(LIMIT + 120)
 def test_python_api(data, tmp_path):
-    "The Python API in a script started as 2 processes: interpretation, class heatmaps, confusion matrix and shared-out maps equal one process's"
+    """The Python API in a script started as 2 processes: interpretation, class heatmaps (also of one image: a process with
+    nothing to add), confusion matrix and shared-out maps equal one process's; each process has cores // 2 threads"""
     (tmp_path/'script.py').write_text(SCRIPT)
     rc, out, err = _run(_torchrun(tmp_path/'script.py', data/'model.pkl', data/'imgs', tmp_path/'res.pt'))
     assert rc == 0, err[-3000:]
@@ -116,10 +119,11 @@ def test_python_api(data, tmp_path):
     learn = load_learner(data/'model.pkl')
     files = sorted(f for f in (data/'imgs').rglob('*.png') if 'broken' not in f.name)
     interp = HeatmapInterpretation.from_learner(learn, dl=learn.dls.test_dl(files, with_labels=True))
-    assert res['size'] == 2
+    assert res['size'] == 2 and res['threads'] == max(1, cpu_cores() // 2)
     assert torch.allclose(res['losses'], interp.losses, atol=1e-5)
     assert (res['cm'] == interp.confusion_matrix()).all()
-    for got, ref in ((res['ch'], interp.class_heatmaps()), (res['ch2'], interp.class_heatmaps(target='pred', max_n=2))):
+    one = HeatmapInterpretation.from_learner(learn, dl=learn.dls.test_dl(files[:1], with_labels=True)).class_heatmaps()
+    for got, ref in ((res['ch'], interp.class_heatmaps()), (res['ch2'], interp.class_heatmaps(target='pred', max_n=2)), (res['one'], one)):
         assert torch.equal(got['counts'], ref.counts) and ref.counts.sum() > 0
         assert torch.allclose(got['maps'], ref.maps, atol=1e-5) and torch.allclose(got['images'], ref.images.to(got['images'].dtype), atol=1e-3)
         assert got['layer'] == ref.layer and got['method'] == ref.method
