@@ -6,25 +6,28 @@ Docs: https://fastai-heatmap.github.io/fastai_heatmap/cli.html.md"""
 
 # %% ../nbs/05_cli.ipynb #2c919308
 from __future__ import annotations
-import argparse, contextlib, re, sys, time, warnings
+import argparse, contextlib, os, re, sys, time, warnings
 from pathlib import Path
 from PIL import Image
 import matplotlib
 import matplotlib.pyplot as plt
 import torch
+from torch import Tensor
 import numpy as np, pandas as pd
 from fastprogress.fastprogress import progress_bar
 from fastai.learner import load_learner
-from fastai.data.transforms import get_image_files
+from fastai.data.transforms import get_image_files, parent_label
 from .core import *
 from .draw import *
 from .data import make_digits, demo_learner, get_boxes
 from .metrics import pointing_game
 from .learner import *
 from .interpret import HeatmapInterpretation
+from .distributed import processes, process_group, shard, gather_objects, barrier, LaunchError
 
 # %% auto #0
-__all__ = ['image_files', 'save_heatmap', 'explain_files', 'layer_table', 'demo', 'cli_message', 'UsageError', 'main']
+__all__ = ['image_files', 'save_heatmap', 'explain_files', 'classes_files', 'layer_table', 'demo', 'cli_message', 'UsageError',
+           'main']
 
 # %% ../nbs/05_cli.ipynb #69fd9066
 def image_files(paths:list)->list:
@@ -41,6 +44,11 @@ def _png_name(f, used):
     while name in used: name, i = f"{Path(f).stem}_{i}.png", i+1
     used.add(name)
     return name
+
+def _open(learn, f):
+    "The image in file `f` as the learner makes its inputs, and None; or None and why it cannot be read"
+    try: return image_type(learn).create(load_item(f, learn)), None
+    except Exception as e: return None, (str(e) if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: {e}")
 
 def _rows(learn, files, e, probs):
     "The predictions.csv rows of `files`, explained by `e`"
@@ -88,28 +96,77 @@ def explain_files(
     bs:int=64, # Images per batch
     alpha:float=0.6, # Opacity of the heatmaps
     cmap:str='magma', # Matplotlib colour map
+    save_maps:bool=False, # Also write each map as it was computed (H×W float32, NumPy's .npy) under the PNG's name
     bar:bool=True, # Show a progress bar
 )->tuple:
-    "Write one heatmap PNG per image (the original image, its map and a title) and predictions.csv (sorted by path) to `out`, batch by batch; returns (the rows written, the files that failed with why)"
+    """Write one heatmap PNG per image (the original image, its map and a title) and predictions.csv (sorted by path) to `out`, batch by batch;
+    processes launched together each explain their share, and process 0 writes predictions.csv. Returns (the rows written, the files that failed with why), all of them in every process"""
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     targets = None if target == 'pred' else label_targets(learn, target, 1)[0].item() # an unknown label fails here, before any work
-    files = sorted(files)
-    rows, failed, used = [], [], set()
-    for start in (progress_bar if bar else list)(range(0, len(files), bs)):
+    files, used = sorted(files), set()
+    named = [(f, _png_name(f, used)) for f in files] # the same names in every process, whichever process writes the file
+    rows, failed = [], []
+    mine = shard(named)
+    for start in (progress_bar if bar else list)(range(0, len(mine), bs)):
         good, items = [], []
-        for f in files[start:start+bs]:
-            try: items.append(image_type(learn).create(load_item(f, learn))); good.append(f) # read now, so that a corrupt file is skipped alone
-            except Exception as e: failed.append((str(f), str(e) if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: {e}"))
+        for f, name in mine[start:start+bs]:
+            item, why = _open(learn, f) # read now, so that a corrupt file is skipped alone
+            if why is None: items.append(item); good.append((f, name))
+            else: failed.append((str(f), why))
         for ix in size_groups(learn, items).values():
             e, imgs = learn.explain([items[i] for i in ix], targets, method=method, layer=layer, with_input=True, bs=bs)
-            for j, (i, r) in enumerate(zip(ix, _rows(learn, [good[i] for i in ix], e, probs_of(learn, e.preds)))):
-                r['heatmap'] = _png_name(r['file'], used)
+            for j, (i, r) in enumerate(zip(ix, _rows(learn, [good[i][0] for i in ix], e, probs_of(learn, e.preds)))):
+                r['heatmap'] = good[i][1]
                 title = f"{r['predicted']} ({r['probability']:.2f})" + ("" if r['explained'] == r['predicted'] else f", map for {r['explained']}")
                 save_heatmap(out/r['heatmap'], items[i], e.maps[j], input_region(learn, items[i].size), imgs[j], title=title, alpha=alpha, cmap=cmap)
+                if save_maps: np.save(out/Path(r['heatmap']).with_suffix('.npy'), e.maps[j].float().cpu().numpy())
                 rows.append(r)
+    rows, failed = [sum(o, []) for o in zip(*gather_objects((rows, failed)))] # one gather: every process's rows, in rank order
     rows.sort(key=lambda r: r['file'])
-    pd.DataFrame(rows, columns=['file', 'predicted', 'probability', 'explained', 'heatmap']).to_csv(out/'predictions.csv', index=False)
+    if processes().main: pd.DataFrame(rows, columns=['file', 'predicted', 'probability', 'explained', 'heatmap']).to_csv(out/'predictions.csv', index=False)
+    barrier() # no process returns (and exits) before predictions.csv is written
     return rows, failed
+
+# %% ../nbs/05_cli.ipynb #cbe9fbde
+def classes_files(
+    learn, # A single-label vision classifier (for example from `load_learner`)
+    files:list, # Image files, each in a folder named after its class
+    out:str|Path, # Folder for class_heatmaps.png and class_heatmaps.csv
+    method:str='gradcam', # A method's name (`list_methods()`)
+    target:str='actual', # Group (and explain) the images by their 'actual' class (their folder) or the 'pred'icted one
+    layer=None, # Dotted name of the layer, for methods at a layer; None for `default_layer`
+    bs:int=64, # Images per batch
+    border:float=0.125, # Width of the border band, as a fraction of each side
+    alpha:float=0.6, # Opacity of the heatmaps
+    cmap:str='magma', # Matplotlib colour map
+)->tuple:
+    "Class heatmaps of labelled image files, written as class_heatmaps.png and class_heatmaps.csv to `out`; returns (the `ClassHeatmaps`, the table, the files that failed with why)"
+    check_vision_learner(learn)
+    if is_multilabel(learn) or vocab_of(learn) is None:
+        raise ValueError("Class heatmaps of a labelled folder are for single-label classifiers: each image's class is its folder's name. "
+                         "For multi-label learners use HeatmapInterpretation.from_learner(learn, dl=...).class_heatmaps().")
+    if target not in ('actual', 'pred'): raise ValueError(f"Unknown target {target!r}: class heatmaps group images by their 'actual' class (their folder) or the 'pred'icted one.")
+    out, files = Path(out), sorted(files)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = [str(v) for v in vocab_of(learn)]
+    unknown = sorted({parent_label(f) for f in files} - set(vocab))
+    if unknown: raise ValueError(f"The images' folders are named after their classes, but {', '.join(map(repr, unknown))} "
+                                 f"{'is not a class' if len(unknown) == 1 else 'are not classes'} of this model ({', '.join(vocab)}).")
+    failed = sum(gather_objects([(str(f), why) for f in shard(files) if (why := _open(learn, f)[1]) is not None]), []) # each process reads its share
+    bad = {f for f, _ in failed}
+    good = [f for f in files if str(f) not in bad]
+    if not good: raise ValueError("None of the images could be read.")
+    dl = learn.dls.test_dl(good, with_labels=True, bs=bs)
+    ch = HeatmapInterpretation.from_learner(learn, dl=dl).class_heatmaps(method=method, target=target, layer=layer, border=border)
+    table = pd.DataFrame({'class': ch.labels, 'n': ch.counts.tolist(), 'border_share': ch.border_mass.double().round(decimals=4).tolist(),
+                          'border_vs_uniform': (ch.border_mass.double() / ch.uniform_border).round(decimals=3).tolist()})
+    if processes().main:
+        table.to_csv(out/'class_heatmaps.csv', index=False)
+        fig = ch.show(alpha=alpha, cmap=cmap)
+        fig.savefig(out/'class_heatmaps.png', dpi=90, bbox_inches='tight')
+        plt.close(fig)
+    barrier() # no process returns before the files are written
+    return ch, table, failed
 
 # %% ../nbs/05_cli.ipynb #7e6d5c4b
 def layer_table(
@@ -186,6 +243,18 @@ def cli_message(msg:str)->str:
     return msg
 
 # %% ../nbs/05_cli.ipynb #3b4c5d6e
+_launch = ("Under `accelerate launch --multi_gpu --num_processes N -m fastai_heatmap.cli` or `torchrun --nproc_per_node N -m fastai_heatmap.cli`, "
+           "N processes share the images (one GPU each; on a machine without GPUs, CPU processes with cores/N threads each).")
+
+def _common(x):
+    "The options `explain` and `classes` share"
+    x.add_argument('--method', default='gradcam', help=f"Heatmap method (default: gradcam), one of: {', '.join(method_names())}")
+    x.add_argument('--layer', default=None, help="Dotted name of the layer to explain, for methods at a layer (default: the last layer whose maps are at least 4×4; "
+                                                 "`fastai-heatmap layers MODEL.pkl` lists them)")
+    x.add_argument('--bs', type=int, default=64, help="Images per batch (default: 64)")
+    x.add_argument('--alpha', type=float, default=0.6, help="Opacity of the heatmaps, 0 to 1 (default: 0.6)")
+    x.add_argument('--cmap', default='magma', help="Matplotlib colour map (default: magma)")
+
 def _parser():
     p = argparse.ArgumentParser(prog='fastai-heatmap', description="Heatmaps (Grad-CAM and every other method of `list_methods()`) for fastai vision learners.")
     sub = p.add_subparsers(dest='command', required=True)
@@ -199,17 +268,24 @@ def _parser():
                        description="Loads a learner saved with learn.export() (a pickle: load only files you trust), and writes for each image the image "
                                    "with its heatmap over it (a PNG named after the image) and predictions.csv (file, predicted label, probability, "
                                    "explained class, heatmap file), sorted by path. Unreadable files are reported and skipped; the exit status is 1 "
-                                   "if any file failed, 2 on bad usage.")
+                                   "if any file failed, 2 on bad usage. " + _launch)
     x.add_argument('model', help="A learner saved with learn.export() (.pkl)")
     x.add_argument('paths', nargs='+', metavar='PATH', help="Image files, or folders searched recursively for images")
     x.add_argument('--out', required=True, help="Folder for the heatmap PNGs and predictions.csv")
-    x.add_argument('--method', default='gradcam', help=f"Heatmap method (default: gradcam), one of: {', '.join(method_names())}")
     x.add_argument('--target', default='pred', help="'pred' to explain each image's prediction (default), or a label to explain in every image")
-    x.add_argument('--layer', default=None, help="Dotted name of the layer to explain, for methods at a layer (default: the last layer whose maps are at least 4×4; "
-                                                 "`fastai-heatmap layers MODEL.pkl` lists them)")
-    x.add_argument('--bs', type=int, default=64, help="Images per batch (default: 64)")
-    x.add_argument('--alpha', type=float, default=0.6, help="Opacity of the heatmaps, 0 to 1 (default: 0.6)")
-    x.add_argument('--cmap', default='magma', help="Matplotlib colour map (default: magma)")
+    _common(x)
+    x.add_argument('--maps', action='store_true', help="Also write each map as computed (H×W float32 NumPy .npy, named like its PNG)")
+    c = sub.add_parser('classes', help="Mean heatmap of each class over a folder of labelled images: the shortcut finder",
+                       description="Loads a learner saved with learn.export() and averages the heatmaps of the images in FOLDER, whose subfolders are named after "
+                                   "the classes, per class; writes class_heatmaps.png (each class's mean map over its mean image) and class_heatmaps.csv "
+                                   "(class, number of images, share of the mean map in the image's border band, and that share over a uniform map's). "
+                                   "Unreadable files are reported and left out; the exit status is 1 if any file failed, 2 on bad usage. " + _launch)
+    c.add_argument('model', help="A learner saved with learn.export() (.pkl)")
+    c.add_argument('folder', help="A folder of images in subfolders named after their classes")
+    c.add_argument('--out', required=True, help="Folder for class_heatmaps.png and class_heatmaps.csv")
+    c.add_argument('--target', default='actual', choices=['actual', 'pred'], help="Group the images by their 'actual' class (their folder; default) or the 'pred'icted one")
+    _common(c)
+    c.add_argument('--border', type=float, default=0.125, help="Width of the border band, as a fraction of each side (default: 0.125)")
     l = sub.add_parser('layers', help="List the layers of an exported learner that --layer can explain",
                        description="Lists the layers whose output is a spatial map, with their sizes for the learner's image size, and marks the default.")
     l.add_argument('model', help="A learner saved with learn.export() (.pkl)")
@@ -218,8 +294,8 @@ def _parser():
 
 class UsageError(Exception): "Bad usage of the command line: reported in one line, exit status 2"
 
-def _check_explain_args(args):
-    "Everything about the arguments that can be checked before the model is loaded"
+def _check_common(args):
+    "What can be checked about the options `explain` and `classes` share, before the model is loaded"
     try: get_method(args.method)
     except ValueError as e: raise UsageError(f"--method: {cli_message(str(e))}") from None
     if args.bs < 1: raise UsageError(f"--bs is the number of images per batch, 1 or more; got {args.bs}.")
@@ -229,34 +305,74 @@ def _check_explain_args(args):
     if out.exists() and not out.is_dir(): raise UsageError(f"--out '{out}' is a file: name a folder (it is created if needed).")
     try: out.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise UsageError(f"--out '{out}' cannot be created ({e.strerror or e}).") from None
+
+def _check_explain_args(args):
+    "Everything about the arguments that can be checked before the model is loaded"
+    _check_common(args)
     try: files = image_files(args.paths)
     except FileNotFoundError as e: raise UsageError(str(e)) from None
     if not files: raise UsageError("No image files found in " + ", ".join(args.paths) + ".")
     return files
 
-def _load(model):
+def _check_classes_args(args):
+    "Everything about the arguments of `classes` that can be checked before the model is loaded"
+    _check_common(args)
+    if not 0 < args.border < 0.5: raise UsageError(f"--border is the width of the border band as a fraction of each side, between 0 and 0.5; got {args.border}.")
+    folder = Path(args.folder)
+    if not folder.is_dir(): raise UsageError(f"No such folder: '{folder}'. Name a folder whose subfolders, named after the classes, hold the images.")
+    files = image_files([folder])
+    if not files: raise UsageError(f"No image files found in {folder}.")
+    loose = [f for f in files if f.parent == folder]
+    if loose: raise UsageError(f"'{loose[0]}' is not in a class's subfolder: put each image of {folder} in a subfolder named after its class.")
+    return files
+
+def _load(model, device=None):
     model = Path(model)
     if not model.is_file(): raise UsageError(f"No such model file: '{model}'. Save one with learn.export().")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore') # the pickle warning, on every run: the file was named by the user
-            return load_learner(model, cpu=not torch.cuda.is_available())
+            learn = load_learner(model, cpu=not torch.cuda.is_available())
     except Exception as e: raise UsageError(f"Could not load '{model}' as an exported learner ({type(e).__name__}: {e}).") from None
+    if device is not None and device.type == 'cuda': learn.model.to(device); learn.dls.to(device) # this process's GPU
+    return learn
 
 def _bars():
     "Progress bars on stderr when it is a terminal; none otherwise"
     return contextlib.redirect_stdout(sys.stderr) if sys.stderr.isatty() else contextlib.nullcontext()
 
+def _by(ps): return f" by {ps.size} processes" if ps.size > 1 else ""
+
 def _explain_cmd(args):
     files = _check_explain_args(args)
-    learn = _load(args.model)
-    try:
-        with _bars(), (contextlib.nullcontext() if sys.stderr.isatty() else learn.no_bar()):
-            rows, failed = explain_files(learn, files, args.out, method=args.method, target=args.target, layer=args.layer,
-                                         bs=args.bs, alpha=args.alpha, cmap=args.cmap, bar=sys.stderr.isatty())
-    except (ValueError, TypeError, IndexError) as e: raise UsageError(cli_message(str(e))) from None
-    for f, why in failed: print(f"skipped {f}: {why}", file=sys.stderr)
-    print(f"Wrote {len(rows)} heatmaps and predictions.csv to {args.out}" + (f"; {len(failed)} file(s) failed" if failed else ""))
+    with process_group() as ps:
+        learn = _load(args.model, ps.device)
+        bar = ps.main and sys.stderr.isatty() # one progress bar, process 0's
+        try:
+            with _bars(), (contextlib.nullcontext() if bar else learn.no_bar()):
+                rows, failed = explain_files(learn, files, args.out, method=args.method, target=args.target, layer=args.layer,
+                                             bs=args.bs, alpha=args.alpha, cmap=args.cmap, save_maps=args.maps, bar=bar)
+        except (ValueError, TypeError, IndexError) as e: raise UsageError(cli_message(str(e))) from None
+        if ps.main:
+            for f, why in failed: print(f"skipped {f}: {why}", file=sys.stderr)
+            print(f"Wrote {len(rows)} heatmaps and predictions.csv to {args.out}{_by(ps)}" + (f"; {len(failed)} file(s) failed" if failed else ""))
+    return 1 if failed else 0
+
+def _classes_cmd(args):
+    files = _check_classes_args(args)
+    with process_group() as ps:
+        learn = _load(args.model, ps.device)
+        bar = ps.main and sys.stderr.isatty()
+        try:
+            with _bars(), (contextlib.nullcontext() if bar else learn.no_bar()):
+                ch, table, failed = classes_files(learn, files, args.out, method=args.method, target=args.target, layer=args.layer,
+                                                  bs=args.bs, border=args.border, alpha=args.alpha, cmap=args.cmap)
+        except (ValueError, TypeError, IndexError) as e: raise UsageError(cli_message(str(e))) from None
+        if ps.main:
+            for f, why in failed: print(f"skipped {f}: {why}", file=sys.stderr)
+            print(table.to_string(index=False))
+            print(f"Class heatmaps of {int(table['n'].sum())} images written to {Path(args.out)/'class_heatmaps.png'} and class_heatmaps.csv{_by(ps)}"
+                  + (f"; {len(failed)} file(s) failed" if failed else ""))
     return 1 if failed else 0
 
 def _layers_cmd(args):
@@ -275,7 +391,12 @@ def main(argv:list|None=None):
             demo(args.out, epochs=args.epochs, retrain=not args.cached)
             return 0
         if args.command == 'explain': return _explain_cmd(args)
+        if args.command == 'classes': return _classes_cmd(args)
         if args.command == 'layers': return _layers_cmd(args)
-    except UsageError as e:
-        print(f"fastai-heatmap: error: {e}", file=sys.stderr)
+    except (UsageError, LaunchError) as e:
+        if isinstance(e, LaunchError) or os.environ.get('RANK', '0') == '0': # bad usage is the same in every process: said once
+            print(f"fastai-heatmap: error: {e}", file=sys.stderr)
         return 2
+
+# %% ../nbs/05_cli.ipynb #84682836
+if __name__ == '__main__': sys.exit(main()) # python -m fastai_heatmap.cli, as torchrun and accelerate launch run it

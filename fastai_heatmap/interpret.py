@@ -21,6 +21,7 @@ from .core import *
 from .draw import *
 from .learner import *
 from .metrics import border_mass
+from .distributed import shard_dl, gather_objects, gather_preds, reduce_sum
 
 # %% auto #0
 __all__ = ['HeatmapInterpretation', 'ClassHeatmaps']
@@ -60,7 +61,7 @@ class HeatmapInterpretation(ClassificationInterpretation):
         dl=None, # A `DataLoader` to interpret, such as `learn.dls.test_dl(files, with_labels=True)`
         act=None, # Override the learner's activation (outputs to probabilities)
     ):
-        "Construct the interpretation from a learner, as fastai's, after checking that it can be"
+        "Construct the interpretation from a learner, as fastai's, after checking that it can be; processes launched together share the predictions out"
         check_vision_learner(learn)
         if vocab_of(learn) is None and not is_multilabel(learn):
             raise TypeError("HeatmapInterpretation explains classifiers, but this learner's targets have no vocab of classes (a segmentation or regression learner?). "
@@ -70,7 +71,9 @@ class HeatmapInterpretation(ClassificationInterpretation):
                 raise ValueError(f"This learner has no data in `learn.dls[{ds_idx}]` (a learner from `load_learner` keeps none). "
                                  "Pass the items to interpret, with their labels: HeatmapInterpretation.from_learner(learn, dl=learn.dls.test_dl(files, with_labels=True)).")
         elif len(dl.dataset) == 0: raise ValueError("The DataLoader passed as `dl` has no items.")
-        return super().from_learner(learn, ds_idx=ds_idx, dl=dl, act=act)
+        if dl is None: dl = learn.dls[ds_idx].new(shuffle=False, drop_last=False)
+        losses = gather_preds(learn, dl, with_loss=True, with_decoded=False, with_preds=False, with_targs=False, act=act)[-1]
+        return cls(learn, dl, losses, act)
 
     def items(self, idxs):
         "The dataset items at positions `idxs` of `interp.dl`"
@@ -257,7 +260,7 @@ def class_heatmaps(self:HeatmapInterpretation,
     norm:str|None='image', # Average maps normalized per image ('image'), or the raw maps (None)
     **kwargs,
 )->ClassHeatmaps:
-    "Mean heatmap and mean image of each class over `interp.dl`, in one pass with a progress bar, and the share of each map in the border"
+    "Mean heatmap and mean image of each class over `interp.dl`, in one pass with a progress bar (shared out between processes launched together), and the share of each map in the border"
     if target not in ('actual', 'pred'): raise ValueError(f"Unknown target {target!r}: class heatmaps group items by their 'actual' or 'pred'icted class.")
     if norm not in ('image', None): raise ValueError(f"norm={norm!r}: class heatmaps average maps normalized per image ('image') or raw ones (None); "
                                                      "one scale per batch ('batch') would differ from batch to batch.")
@@ -266,8 +269,8 @@ def class_heatmaps(self:HeatmapInterpretation,
     fn, mask = _target_fn(self, target)
     multi, n_cls = mask is not None, len(vocab_of(self.learn))
     dl = self.dl if max_n is None else self.learn.dls.test_dl(self.items(_first_per_class(self, target, max_n)), with_labels=True, num_workers=0)
-    sums = cnt = img_sum = None
-    for e, xb, yb in explain_batches(self.learn, dl, targets=fn, method=method, layer=layer, norm=norm, act=self.act, **kwargs):
+    sums = cnt = img_sum = info = None
+    for e, xb, yb in explain_batches(self.learn, shard_dl(dl), targets=fn, method=method, layer=layer, norm=norm, act=self.act, **kwargs):
         xb, yb = xb.as_subclass(Tensor), yb.as_subclass(Tensor)
         # (B, n_classes) weights: which class each map counts for
         w = (mask(e.preds, yb).float() if multi else F.one_hot(e.targets, n_cls).float()).to(e.maps.device)
@@ -277,13 +280,16 @@ def class_heatmaps(self:HeatmapInterpretation,
         sums += torch.einsum('bc,bchw->chw', w, maps)
         img_sum += torch.einsum('bc,bkhw->ckhw', w, xb.float().to(w.device))
         cnt += w.sum(0)
+        info = e.method, e.layer
         if max_n is not None and (cnt >= max_n).all(): break
+    sums, cnt, img_sum = reduce_sum(sums, cnt, img_sum) # each process's sums over its share of `dl` (a process with no item adds zeros)
+    meth, lay = next(o for o in gather_objects(info) if o is not None)
     n = cnt.clamp_min(1)
     mean_maps, mean_x = sums / n[:, None, None], img_sum / n[:, None, None, None]
     imgs = check_decoded(dl.decode((TensorImage(mean_x),))[0]) # decoding is affine per pixel: the mean's decoding is the decoded mean
     bm, uni = border_mass(mean_maps, border)
     return ClassHeatmaps(mean_maps.cpu(), imgs.as_subclass(Tensor).cpu(), cnt.long().cpu(), bm.cpu(), uni,
-                         [label_of(self.learn, c) for c in range(n_cls)], e.method, target, border, e.layer)
+                         [label_of(self.learn, c) for c in range(n_cls)], meth, target, border, lay)
 
 # %% ../nbs/04_interpret.ipynb #406c148e
 @patch
@@ -303,7 +309,7 @@ def plot_class_heatmaps(self:HeatmapInterpretation,
 def _decoded(self:HeatmapInterpretation):
     "Decoded predictions and targets over `interp.dl`, computed once"
     if getattr(self, '_dec', None) is None:
-        _, targs, dec = self.learn.get_preds(dl=self.dl, with_decoded=True, with_preds=True, with_targs=True, act=self.act)
+        _, targs, dec = gather_preds(self.learn, self.dl, with_decoded=True, with_preds=True, with_targs=True, act=self.act)
         self._dec = (dec, targs)
     return self._dec
 
