@@ -20,13 +20,13 @@ from fastprogress.fastprogress import progress_bar
 from .hooks import *
 
 # %% auto #0
-__all__ = ['delegated', 'eval_mode', 'unwrap_model', 'layer_shapes', 'default_layer', 'resolve_layer', 'resolve_targets',
+__all__ = ['delegates_kept', 'eval_mode', 'unwrap_model', 'layer_shapes', 'default_layer', 'resolve_layer', 'resolve_targets',
            'normalize_maps', 'Method', 'Context', 'ReplaceOutput', 'MapLayout', 'map_layout', 'LayerMethod',
            'reduce_channels', 'InputGradientMethod', 'PerturbationMethod', 'register_method', 'method_names',
            'get_method', 'list_methods', 'Explanation', 'explain', 'heatmap']
 
 # %% ../nbs/02_core.ipynb #5b6c7d8e
-def delegated(
+def delegates_kept(
     to, # The function whose keyword arguments the decorated one passes on
     but:list|None=None, # Arguments not to take from `to`
 ):

@@ -297,7 +297,7 @@ def _input_size(learn:Learner, size)->tuple:
     return tuple(learn.dls.valid.after_item(ds[0])[0].shape[-2:])
 
 @patch
-@delegated(optimize_input, but=['model', 'x0', 'targets', 'layer', 'channel', 'lo', 'hi'])
+@delegates_kept(optimize_input, but=['model', 'x0', 'targets', 'layer', 'channel', 'lo', 'hi'])
 def max_activation(self:Learner,
     target=None, # A class (label or index), or a list of them, optimized together in one batch
     layer=None, # With `channel`: module or dotted name of the layer; None for `default_layer`
@@ -336,7 +336,7 @@ def max_activation(self:Learner,
 
 # %% ../nbs/03a_inside.ipynb #ca9c97a2
 @patch
-@delegated(Learner.explain, but=['targets', 'method', 'layer', 'with_input', 'bs'])
+@delegates_kept(Learner.explain, but=['targets', 'method', 'layer', 'with_input', 'bs'])
 def show_methods(self:Learner,
     item, # One image: a file, a PIL image, an array, or an item of the kind `learn.dls` was built from
     methods:list=('gradcam', 'gradcam++', 'scorecam', 'saliency', 'guided', 'guided_gradcam', 'integrated_gradients'), # Method names (`list_methods()`) or `Method`s

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 import matplotlib.pyplot as plt
 from fastcore.basics import ifnone, patch
-from fastcore.meta import delegates
 from fastcore.foundation import L
 from fastcore.xtras import is_listy
 from fastai.interpret import ClassificationInterpretation
@@ -79,7 +78,7 @@ class HeatmapInterpretation(ClassificationInterpretation):
         "The dataset items at positions `idxs` of `interp.dl`"
         return getattr(self.dl.items, 'iloc', L(self.dl.items))[idxs]
 
-    @delegates(explain_batches, keep=True, but=['dl', 'targets', 'method', 'layer'])
+    @delegates_kept(explain_batches, but=['dl', 'targets', 'method', 'layer'])
     def explain(self,
         idxs, # Dataset indices (positions in `interp.dl`)
         target='pred', # 'pred', 'actual', 'both' or a label: which class each map explains
@@ -102,7 +101,7 @@ class HeatmapInterpretation(ClassificationInterpretation):
         if mask is not None: e = e._replace(maps=e.maps * mask(e.preds, ys)[..., None, None].to(e.maps.dtype))
         return e, imgs, ys
 
-    @delegates(explain, keep=True, but=['with_input'])
+    @delegates_kept(explain, but=['with_input'])
     def heatmaps(self,
         idxs, # Dataset indices (positions in `interp.dl`)
         target='pred', # 'pred', 'actual', 'both' or a label: which class each map explains
@@ -130,7 +129,7 @@ def _top(interp, k, largest):
 
 # %% ../nbs/04_interpret.ipynb #ff5713c4
 @patch
-@delegates(HeatmapInterpretation.explain, keep=True, but=['idxs', 'target', 'method', 'layer', 'with_input'])
+@delegates_kept(HeatmapInterpretation.explain, but=['idxs', 'target', 'method', 'layer', 'with_input'])
 def plot_top_losses(self:HeatmapInterpretation,
     k, # Number of items to show, or a list or range of positions in the sorted losses
     largest:bool=True, # Largest losses first (False: smallest)
@@ -181,7 +180,7 @@ def plot_top_losses(self:HeatmapInterpretation,
 
 # %% ../nbs/04_interpret.ipynb #66ba8003
 @patch
-@delegates(HeatmapInterpretation.explain, keep=True, but=['idxs', 'target', 'method', 'layer', 'with_input'])
+@delegates_kept(HeatmapInterpretation.explain, but=['idxs', 'target', 'method', 'layer', 'with_input'])
 def show_heatmaps(self:HeatmapInterpretation,
     idxs, # Dataset indices (positions in `interp.dl`)
     target='pred', # 'pred', 'actual', 'both' or a label: which class each map explains
@@ -250,7 +249,7 @@ def _first_per_class(interp, target, max_n):
     return torch.where(keep.any(1))[0].tolist()
 
 @patch
-@delegates(explain_batches, keep=True, but=['dl', 'targets', 'method', 'layer', 'norm', 'warn_small'])
+@delegates_kept(explain_batches, but=['dl', 'targets', 'method', 'layer', 'norm', 'warn_small'])
 def class_heatmaps(self:HeatmapInterpretation,
     method:str='gradcam', # A method's name (`list_methods()`)
     target:str='actual', # Group (and explain) by the 'actual' class or the 'pred'icted one
@@ -293,7 +292,7 @@ def class_heatmaps(self:HeatmapInterpretation,
 
 # %% ../nbs/04_interpret.ipynb #406c148e
 @patch
-@delegates(HeatmapInterpretation.class_heatmaps, keep=True)
+@delegates_kept(HeatmapInterpretation.class_heatmaps)
 def plot_class_heatmaps(self:HeatmapInterpretation,
     alpha:float=0.6, # Opacity of the heatmaps
     cmap:str='magma', # Matplotlib colour map
@@ -329,7 +328,7 @@ def _mean_image(imgs):
     return m if imgs.is_floating_point() else m.round().to(imgs.dtype)
 
 @patch
-@delegates(HeatmapInterpretation.explain, keep=True, but=['idxs', 'target', 'method', 'layer', 'with_input'])
+@delegates_kept(HeatmapInterpretation.explain, but=['idxs', 'target', 'method', 'layer', 'with_input'])
 def plot_confused_heatmaps(self:HeatmapInterpretation,
     min_val:int=1, # Pairs confused at least this many times
     max_pairs:int=6, # At most this many pairs, most confused first

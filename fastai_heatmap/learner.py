@@ -13,7 +13,6 @@ import numpy as np, torch
 from torch import nn, Tensor
 from PIL import Image
 from fastcore.basics import patch, ifnone
-from fastcore.meta import delegates
 from fastcore.xtras import is_listy
 from fastcore.foundation import L
 from fastai.learner import Learner
@@ -272,7 +271,7 @@ def _batches(learn, dl):
                              "`fastai-heatmap explain` skips unreadable files and reports them.") from None
         yield b
 
-@delegates(explain, keep=True, but=['model', 'xb', 'targets', 'method', 'layer'])
+@delegates_kept(explain, but=['model', 'xb', 'targets', 'method', 'layer'])
 def explain_batches(
     learn:Learner, # A vision learner
     dl, # A `DataLoader` of `learn.dls` (such as `learn.dls.test_dl(items)`)
@@ -295,7 +294,7 @@ def explain_batches(
         i += len(xb)
         yield e, xb, yb
 
-@delegates(explain_batches, keep=True)
+@delegates_kept(explain_batches)
 def explain_dl(
     learn:Learner, # A vision learner
     dl, # A `DataLoader` of `learn.dls` (such as `learn.dls.test_dl(items)`)
@@ -315,7 +314,7 @@ def explain_dl(
 
 # %% ../nbs/03_learner.ipynb #158f59e8
 @patch
-@delegates(explain_batches, keep=True, but=['dl', 'targets', 'method', 'layer'])
+@delegates_kept(explain_batches, but=['dl', 'targets', 'method', 'layer'])
 def explain(self:Learner,
     items, # Image files, PIL images, arrays, tensor images, or items of the kind `learn.dls` was built from
     targets=None, # None for the predicted classes; a class (label or index) for all; one per item; several per item; or a function of the predictions
@@ -339,7 +338,7 @@ def explain(self:Learner,
 
 # %% ../nbs/03_learner.ipynb #3a4ad6e4
 @patch
-@delegates(Learner.explain, keep=True, but=['with_input'])
+@delegates_kept(Learner.explain, but=['with_input'])
 def heatmap(self:Learner,
     items, # Image files, PIL images, arrays, tensor images, or items of the kind `learn.dls` was built from
     targets=None, # None for the predicted classes; a class (label or index) for all; or one per item
@@ -404,7 +403,7 @@ def _on_original(learn, item, img, original):
 
 # %% ../nbs/03_learner.ipynb #13000188
 @patch
-@delegates(Learner.explain, keep=True, but=['targets', 'with_input', 'bs'])
+@delegates_kept(Learner.explain, but=['targets', 'with_input', 'bs'])
 def show_cam(self:Learner,
     item, # An image file, a PIL image, an array, or an item of the kind `learn.dls` was built from
     target=None, # Class to explain (label or index); the predicted one when None
@@ -435,7 +434,7 @@ def show_cam(self:Learner,
 
 # %% ../nbs/03_learner.ipynb #36f658e1
 @patch
-@delegates(Learner.explain, keep=True, but=['with_input'])
+@delegates_kept(Learner.explain, but=['with_input'])
 def show_cams(self:Learner,
     items, # Image files, PIL images, arrays, or items of the kind `learn.dls` was built from
     targets=None, # None for the predicted classes; a class (label or index) for all; or one per item

@@ -121,7 +121,7 @@ def curve_auc(
     return (curves[..., 1:] + curves[..., :-1]).sum(-1) / (2 * (curves.shape[-1] - 1))
 
 # %% ../nbs/03b_metrics.ipynb #6a3c1132
-@delegated(Learner.explain, but=['targets', 'method', 'with_input', 'batch_size', 'act'])
+@delegates_kept(Learner.explain, but=['targets', 'method', 'with_input', 'batch_size', 'act'])
 def heatmap_faithfulness(
     learn:Learner, # A vision learner
     items, # Image files, PIL images, arrays, or items of the kind `learn.dls` was built from
@@ -240,7 +240,7 @@ def _in_order(model, xb, blocks):
     return sorted(set(names), key=ran.index)
 
 @patch
-@delegated(explain, but=['model', 'xb', 'targets', 'method', 'layer', 'bar'])
+@delegates_kept(explain, but=['model', 'xb', 'targets', 'method', 'layer', 'bar'])
 def cam_sanity_check(self:Learner,
     items, # Image files, PIL images, arrays, or items of the kind `learn.dls` was built from (a few: each step explains them all)
     method:str='gradcam', # A method's name (`list_methods()`)
