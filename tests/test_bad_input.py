@@ -216,3 +216,20 @@ def test_ambiguous_int_targets_warn(demo):
         warnings.simplefilter('error', UserWarning)
         demo.heatmap(fn, targets=1)  # index 1 is label '1': nothing ambiguous
         demo.heatmap(fn, targets='4')
+
+
+@pytest.mark.parametrize('arch,layer', [('densenet121', 'features'), ('resnet18', 'layer4.1.bn2')])
+def test_cam_refused_where_later_ops_change_the_layer_output(arch, layer):
+    """CAM reads the layer's own output: densenet121's 'features' is followed by an in-place ReLU before its pooling, and
+    resnet18's 'layer4.1.bn2' by the residual sum and a ReLU, so CAM's head check fails there and says so (instead of the CAM
+    of the altered tensor); Grad-CAM, which needs no head, explains the same layer, and the model is left as it was"""
+    import torchvision
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    before = model_state(model)
+    with pytest.raises(ValueError) as info: heatmap(model, x, method='cam', layer=layer)
+    msg = str(info.value)
+    assert "own activations" in msg and "Use method='gradcam'" in msg and 'proportional' not in msg, msg
+    m = heatmap(model, x, method='gradcam', layer=layer)
+    assert m.shape == (2, 64, 64) and torch.isfinite(m).all()
+    assert_same_state(before, model_state(model))

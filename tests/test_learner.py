@@ -149,3 +149,30 @@ def test_not_a_vision_learner(tmp_path):
                    loss_func=nn.CrossEntropyLoss())
     with pytest.raises(TypeError, match='tabular or text'): text.heatmap(['some text'])
     with pytest.raises(TypeError, match='tabular or text'): text.show_cam('some text')
+
+
+def test_no_positive_evidence_is_said(demo):
+    """A class whose only evidence is negative has an all-zero Grad-CAM map (ReLU of the weighted sum), and the picture's title
+    says so rather than showing a blank map as if it were one: here class '0' scores −(mean of positive activations)"""
+    model = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 4))
+    with torch.no_grad():
+        model[0].weight.fill_(.02); model[0].bias.fill_(1.)       # activations that vary over the image, positive
+        model[4].weight.copy_(torch.tensor([[-1., -1.], [1., 1.], [1., 0.], [0., 1.]])); model[4].bias.zero_()
+    learn = Learner(demo.dls, model, loss_func=nn.CrossEntropyLoss())
+    fn = demo.dls.valid_ds.items[0]
+    assert learn.heatmap(fn, targets='0', layer='1').amax() == 0
+    assert learn.heatmap(fn, targets='1', layer='1').amax() > 0
+    assert 'no positive evidence' in learn.show_cam(fn, target='0', layer='1').get_title()
+    assert 'no positive evidence' not in learn.show_cam(fn, target='1', layer='1').get_title()
+
+
+def test_no_bar(demo):
+    "Work over several batches shows fastprogress's bar, and `learn.no_bar()` turns it off, as it does for fastai's own loops"
+    import io, contextlib
+    dl = demo.dls.test_dl(demo.dls.valid_ds.items[:24], bs=8)
+    def printed(ctx):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf), ctx: explain_dl(demo, dl)
+        return buf.getvalue()
+    assert '3/3' in printed(contextlib.nullcontext())
+    assert printed(demo.no_bar()) == ''
