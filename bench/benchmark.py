@@ -79,7 +79,7 @@ PGC, TC, CPT = 'pytorch-grad-cam', 'torchcam', 'captum'
 PEERS = (PGC, TC, CPT)
 EXTRA_ROWS = ('smoothgrad', 'sscam')  # not methods of their own: saliency and scorecam with smooth=n
 
-FULL = dict(bs=16, size=224, repeats=5, heavy_bs=2, heavy_size=96, heavy_repeats=3, steps=50, smooth=20, sscam=2)
+FULL = dict(bs=16, size=224, repeats=9, heavy_bs=2, heavy_size=96, heavy_repeats=5, steps=50, smooth=20, sscam=2)
 QUICK = dict(bs=4, size=128, repeats=3, heavy_bs=1, heavy_size=64, heavy_repeats=3, steps=16, smooth=8, sscam=2)
 
 

@@ -43,8 +43,8 @@ class _RuleReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         out, = ctx.saved_tensors
-        g = g.clamp_min(0)
-        return (torch.ops.aten.threshold_backward(g, out, 0) if ctx.rule == 'guided' else g), None # g where out > 0, as autograd's own ReLU
+        if ctx.rule == 'guided': return torch.ops.aten.threshold_backward(g, out, 0).clamp_min_(0), None # g where out > 0 (as autograd's own ReLU), then max(·, 0): one new tensor
+        return g.clamp_min(0), None
 
 class ReLURule(TorchFunctionMode):
     "Under it, every ReLU the forward pass calls (`nn.ReLU`, `F.relu`, `torch.relu`, `Tensor.relu`, in place or not) goes back by `rule`: 'guided' or 'deconvnet'"
