@@ -87,7 +87,7 @@ def test_interpret(browser):
     # the API entries, at the Quarto site's anchors, with their docments tables
     for ident, name, params in [('heatmapinterpretation.plot_top_losses', 'HeatmapInterpretation.plot_top_losses', ['k', 'largest']),
                                 ('heatmapinterpretation', 'HeatmapInterpretation', ['learn']),
-                                ('border_mass', 'border_mass', ['maps'])]:
+                                ('heatmapinterpretation.plot_class_heatmaps', 'HeatmapInterpretation.plot_class_heatmaps', ['alpha', 'nrows'])]:
         entry = drv.execute_script(
             "const h = document.getElementById(arguments[0]); if (!h) return null;"
             "const d = h.closest('.doc-entry'); const t = d && d.querySelector('table');"
@@ -111,4 +111,4 @@ def test_search(browser):
     WebDriverWait(drv, 15).until(lambda d: d.execute_script(
         "return document.querySelectorAll('.md-search-result__item').length > 0"))
     hits = drv.execute_script("return Array.from(document.querySelectorAll('.md-search-result__link')).map(a => a.getAttribute('href'))")
-    assert any('interpret.html' in h for h in hits), hits
+    assert any('metrics.html' in h and h.endswith('#border_mass') for h in hits), hits
