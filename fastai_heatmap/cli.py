@@ -16,6 +16,7 @@ from torch import Tensor
 import numpy as np, pandas as pd
 from fastprogress.fastprogress import progress_bar
 from fastai.learner import load_learner
+from fastcore.basics import defaults
 from fastai.data.transforms import get_image_files, parent_label
 from .core import *
 from .draw import *
@@ -341,6 +342,15 @@ def _bars():
     "Progress bars on stderr when it is a terminal; none otherwise"
     return contextlib.redirect_stdout(sys.stderr) if sys.stderr.isatty() else contextlib.nullcontext()
 
+@contextlib.contextmanager
+def _no_new_bars():
+    "Learners made inside it get no progress bar (fastai gives every new learner the callbacks of `defaults.callbacks`, the bar's among them)"
+    from fastai.callback.progress import ProgressCallback
+    old = defaults.callbacks
+    defaults.callbacks = [c for c in old if c is not ProgressCallback]
+    try: yield
+    finally: defaults.callbacks = old
+
 def _by(ps): return f" by {ps.size} processes" if ps.size > 1 else ""
 
 def _explain_cmd(args):
@@ -388,7 +398,7 @@ def main(argv:list|None=None):
     args = _parser().parse_args(argv)
     try:
         if args.command == 'demo':
-            demo(args.out, epochs=args.epochs, retrain=not args.cached)
+            with _bars(), (contextlib.nullcontext() if sys.stderr.isatty() else _no_new_bars()): demo(args.out, epochs=args.epochs, retrain=not args.cached)
             return 0
         if args.command == 'explain': return _explain_cmd(args)
         if args.command == 'classes': return _classes_cmd(args)

@@ -254,3 +254,24 @@ def test_class_heatmaps_catch_a_shortcut():
     assert rows[:8].mean() > 2 * rows[24:].mean()
     clean = HeatmapInterpretation.from_learner(demo_learner()).class_heatmaps(layer='0.6')
     assert (clean.border_mass < clean.uniform_border).all()
+
+
+def test_cli_images_of_different_sizes(demo, tmp_path):
+    """The demo learner does not resize: the CLI explains images of several sizes (a batch per size), every one once,
+    with predictions.csv in sorted path order and each prediction that of the image alone"""
+    pkl = tmp_path/'model.pkl'
+    demo.export(pkl)
+    imgs = tmp_path/'imgs'; imgs.mkdir()
+    fn = demo.dls.valid_ds.items[0]
+    sizes = {'c.png': (64, 64), 'a.png': (48, 40), 'b.png': (96, 80), 'd.png': (48, 40)}
+    for name, s in sizes.items(): Image.open(fn).resize(s).save(imgs/name)
+    out = tmp_path/'out'
+    assert main(['explain', str(pkl), str(imgs), '--out', str(out), '--layer', '0.6', '--bs', '4']) == 0
+    df = pd.read_csv(out/'predictions.csv', dtype={'predicted': str, 'explained': str})
+    assert list(df.file) == sorted(str(imgs/n) for n in sizes)
+    assert all((out/h).exists() for h in df.heatmap)
+    for name in sizes:
+        e = demo.explain(imgs/name, layer='0.6')
+        row = df[df.file == str(imgs/name)].iloc[0]
+        assert row.predicted == demo.dls.vocab[e.preds[0].argmax()]
+        assert row.probability == pytest.approx(e.preds[0].softmax(0).max().item(), abs=1e-4)

@@ -85,3 +85,14 @@ def test_cli_output_when_piped(demo, pkl, tmp_path, capsys):
     assert err.splitlines()[0].startswith(f"skipped {tmp_path/'bad.png'}: ")
     df = pd.read_csv(tmp_path/'out'/'predictions.csv')
     assert list(df.file) == sorted(df.file)
+
+
+def test_cli_demo_output_when_piped(demo, tmp_path, capsys):
+    "`fastai-heatmap demo` not on a terminal: its numbers and files, no progress bar, and fastai's defaults as they were"
+    from fastcore.basics import defaults
+    before = list(defaults.callbacks)
+    assert main(['demo', '--cached', '--out', str(tmp_path/'demo')]) == 0
+    out, err = capsys.readouterr()
+    assert '█' not in out + err and '[0/' not in out + err, (out + err)[:300]
+    assert 'validation accuracy' in out and (tmp_path/'demo'/'class_heatmaps.png').exists()
+    assert defaults.callbacks == before
