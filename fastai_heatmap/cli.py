@@ -116,11 +116,12 @@ def explain_files(
             else: failed.append((str(f), why))
         for ix in size_groups(learn, items).values():
             e, imgs = learn.explain([items[i] for i in ix], targets, method=method, layer=layer, with_input=True, bs=bs)
+            maps = e.maps.float().cpu() # one host copy per batch
             for j, (i, r) in enumerate(zip(ix, _rows(learn, [good[i][0] for i in ix], e, probs_of(learn, e.preds)))):
                 r['heatmap'] = good[i][1]
                 title = f"{r['predicted']} ({r['probability']:.2f})" + ("" if r['explained'] == r['predicted'] else f", map for {r['explained']}")
-                save_heatmap(out/r['heatmap'], items[i], e.maps[j], input_region(learn, items[i].size), imgs[j], title=title, alpha=alpha, cmap=cmap)
-                if save_maps: np.save(out/Path(r['heatmap']).with_suffix('.npy'), e.maps[j].float().cpu().numpy())
+                save_heatmap(out/r['heatmap'], items[i], maps[j], input_region(learn, items[i].size), imgs[j], title=title, alpha=alpha, cmap=cmap)
+                if save_maps: np.save(out/Path(r['heatmap']).with_suffix('.npy'), maps[j].numpy())
                 rows.append(r)
     rows, failed = [sum(o, []) for o in zip(*gather_objects((rows, failed)))] # one gather: every process's rows, in rank order
     rows.sort(key=lambda r: r['file'])

@@ -124,8 +124,7 @@ def test_gradcam_matches_pytorch_grad_cam(xb, layer, targets):
 
 # ------------------------------------------------------------------------------------------------- CAM
 def _cam_raw(model, xb, targets, relu):
-    # `.detach()`: heatmap(method='cam') currently returns maps attached to fc.weight's graph (requires_grad=True)
-    return heatmap(model, xb, targets=targets, method='cam', layer='layer4', upsample=False, norm=None, relu=relu).detach()
+    return heatmap(model, xb, targets=targets, method='cam', layer='layer4', upsample=False, norm=None, relu=relu)
 
 def test_cam_matches_formula(model, xb, targets):
     "CAM (Zhou 2016) at layer4 is sum_k w[c,k] A_k with w the fc weights, for each sample's own class"
