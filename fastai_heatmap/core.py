@@ -456,7 +456,7 @@ class PerturbationMethod(Method):
 
 # %% ../nbs/02_core.ipynb #9f3c1c2e
 _methods = {} # normalized name → class
-_builtin_modules = ('cam', 'gradients', 'perturbation') # the modules that register the built-in methods
+_builtin_modules = ('cam', 'gradients', 'perturbation', 'concepts') # the modules that register the built-in methods
 
 def _key(name)->str: return re.sub(r'[^a-z0-9+]', '', str(name).lower().replace('++', 'pp'))
 

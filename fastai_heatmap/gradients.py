@@ -1,4 +1,4 @@
-"""Maps at the input's resolution: saliency, input × gradient, guided backpropagation, the deconvnet rule, Guided Grad-CAM and integrated gradients
+"""Maps at the input's resolution: saliency, input × gradient, guided backpropagation, the deconvnet rule, Guided Grad-CAM, integrated gradients, DeepLIFT, DeepLIFT SHAP, GradientSHAP and layer-wise relevance propagation
 
 Docs: https://fastai-heatmap.github.io/fastai_heatmap/gradients.html.md"""
 
@@ -7,7 +7,7 @@ Docs: https://fastai-heatmap.github.io/fastai_heatmap/gradients.html.md"""
 # %% ../nbs/02b_gradients.ipynb #e4869711
 from __future__ import annotations
 import warnings
-import torch
+import numpy as np, torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.overrides import TorchFunctionMode
@@ -15,7 +15,8 @@ from .core import *
 from .cam import GradCAM
 
 # %% auto #0
-__all__ = ['Saliency', 'InputXGradient', 'ReLURule', 'GuidedBackprop', 'Rectified', 'GuidedGradCAM', 'IntegratedGradients']
+__all__ = ['Saliency', 'InputXGradient', 'ReLURule', 'GuidedBackprop', 'Rectified', 'GuidedGradCAM', 'path_points',
+           'IntegratedGradients', 'RescaleRule', 'DeepLift', 'DeepLiftShap', 'GradientShap', 'LRPRule', 'LRP']
 
 # %% ../nbs/02b_gradients.ipynb #c2122686
 @register_method('saliency', 'vanilla', 'gradient')
@@ -93,29 +94,325 @@ class GuidedGradCAM(LayerMethod):
         gb = ctx.input_grads_of(ctx.x, torch.arange(len(ctx.x), device=ctx.x.device), rule=ReLURule('guided'))
         return reduce_channels(gb * cam, self.reduce)
 
+# %% ../nbs/02b_gradients.ipynb #40d721cf
+_path_rules = ('riemann_middle', 'riemann_left', 'riemann_right', 'riemann_trapezoid', 'gausslegendre')
+
+def path_points(
+    rule:str, # 'riemann_middle', 'riemann_left', 'riemann_right', 'riemann_trapezoid' or 'gausslegendre' (captum's names)
+    steps:int, # Number of points
+)->tuple:
+    "Points α_k in [0, 1] on the path and their weights w_k (float32), so that ∫₀¹ g(α) dα ≈ Σ_k w_k g(α_k): captum's `approximation_parameters(rule)`"
+    if rule not in _path_rules: raise ValueError(f"Unknown rule {rule!r}: use one of {', '.join(map(repr, _path_rules))}.")
+    if rule == 'gausslegendre':
+        a, w = np.polynomial.legendre.leggauss(steps)
+        return torch.tensor(0.5 * (1 + a), dtype=torch.float32), torch.tensor(0.5 * w, dtype=torch.float32)
+    if rule == 'riemann_trapezoid' and steps < 2: raise ValueError("The trapezoid rule needs `steps` ≥ 2 (both ends of the path).")
+    n = steps
+    lo, hi = dict(riemann_left=(0, 1 - 1/n), riemann_right=(1/n, 1), riemann_middle=(1/(2*n), 1 - 1/(2*n)), riemann_trapezoid=(0, 1))[rule]
+    w = torch.full((n,), 1/n)
+    if rule == 'riemann_trapezoid': w[0] /= 2; w[-1] /= 2 # captum's weights: 1/n, halved at both ends (they add up to (n − 1)/n)
+    return torch.linspace(lo, hi, n), w
+
 # %% ../nbs/02b_gradients.ipynb #81d6e48e
 @register_method('integrated_gradients', 'integratedgradients', 'ig')
 class IntegratedGradients(InputGradientMethod):
     """Integrated gradients, Sundararajan et al. 2017, 'Axiomatic Attribution for Deep Networks':
-    (x − x') ⊙ mean_k ∂y_c/∂x(x' + α_k (x − x')), α_k = (k + ½)/steps"""
+    (x − x') ⊙ Σ_k w_k ∂y_c/∂x(x' + α_k (x − x')), with the points α_k and weights w_k of `rule` (`path_points`): by default the midpoints α_k = (k + ½)/steps, w_k = 1/steps"""
     paper, cost = 'Sundararajan et al. 2017', '`steps` forwards + backwards to the input'
     def __init__(self,
         steps:int=50, # Points on the path from the baseline to the input
         baseline:float|Tensor=0., # The baseline x': a number, or a tensor that broadcasts to an image (C, H, W); 0 is the mean colour of a normalized dataset
         reduce:str|None='max', # Over colour channels: 'max' (largest magnitude), 'sum', 'mean', or None to keep them
+        rule:str='riemann_middle', # How the path integral is summed (captum's `method`): 'riemann_middle', 'riemann_left', 'riemann_right', 'riemann_trapezoid' or 'gausslegendre'
     ):
         super().__init__(reduce)
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1: raise ValueError(f"`steps` is the number of points on the path, an int ≥ 1; got {steps!r}.")
-        self.steps, self.baseline = steps, baseline
+        path_points(rule, steps) # checks the rule
+        self.steps, self.baseline, self.rule = steps, baseline, rule
     def forward(self, ctx): return ctx.run(ctx.x) # the predictions; the gradients are taken along the path
     def attribute(self, ctx):
         x = ctx.x.float()
         base = torch.as_tensor(self.baseline, dtype=torch.float32, device=x.device).expand_as(x[0])
+        alphas, weights = (o.to(x.device) for o in path_points(self.rule, self.steps))
         n, total = len(x), torch.zeros_like(x)
-        alphas = (torch.arange(self.steps, device=x.device, dtype=torch.float32) + 0.5) / self.steps
         for sl in ctx.chunks(self.steps * n, 'integrated gradients'):
             idx = torch.arange(sl.start, sl.stop, device=x.device)
             rows, k = idx % n, idx // n
             xs = base + alphas[k, None, None, None] * (x[rows] - base)
-            total.index_add_(0, rows, ctx.input_grads_of(xs, rows))
-        return (x - base) * total / self.steps
+            total.index_add_(0, rows, ctx.input_grads_of(xs, rows) * weights[k, None, None, None])
+        return (x - base) * total
+
+# %% ../nbs/02b_gradients.ipynb #480531a1
+_activations = {F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_, F.elu, F.elu_, F.leaky_relu, F.leaky_relu_,
+                torch.sigmoid, Tensor.sigmoid, Tensor.sigmoid_, F.sigmoid, torch.tanh, Tensor.tanh, Tensor.tanh_, F.tanh, F.softplus,
+                F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.hardtanh_, F.relu6, F.selu, F.celu}
+_out_of_place = {F.relu_: F.relu, torch.relu_: torch.relu, Tensor.relu_: torch.relu, F.elu_: F.elu, F.leaky_relu_: F.leaky_relu,
+                 Tensor.sigmoid_: torch.sigmoid, Tensor.tanh_: torch.tanh, F.hardtanh_: F.hardtanh}
+_max_pools = {F.max_pool1d: 6, F.max_pool2d: 6, F.max_pool3d: 6, F.adaptive_max_pool1d: 2, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 2} # → where `return_indices` is
+
+def _call(func, args, kwargs):
+    "`func(*args, **kwargs)` out of place (the caller uses what it returns)"
+    kwargs = {**(kwargs or {}), 'inplace': False} if 'inplace' in (kwargs or {}) else dict(kwargs or {})
+    return _out_of_place.get(func, func)(*args, **kwargs)
+
+def _with_indices(func, args, kwargs)->bool:
+    "Whether a max pooling is asked for its indices too (then it returns a tuple)"
+    i = _max_pools[func]
+    return bool((kwargs or {}).get('return_indices') or (len(args) > i and args[i]))
+
+class _Rescale(torch.autograd.Function):
+    "y = fn(x) on a batch of inputs and references [x; x'], going back by DeepLIFT's rescale rule: Δy/Δx (the gradient where |Δx| < eps)"
+    @staticmethod
+    def forward(ctx, x, fn, eps):
+        ctx.fn, ctx.eps = fn, eps
+        ctx.save_for_backward(x)
+        return fn(x)
+    @staticmethod
+    def backward(ctx, g):
+        x, = ctx.saved_tensors
+        with torch.enable_grad():
+            xx = x.detach().requires_grad_()
+            y = ctx.fn(xx)
+            plain = torch.autograd.grad(y, xx, g)[0]
+        dx, dy = (torch.cat(2 * [a - b]) for a, b in (x.chunk(2), y.detach().chunk(2)))
+        return torch.where(dx.abs() < ctx.eps, plain, g * dy / dx), None, None
+
+class _RescaleMax(torch.autograd.Function):
+    "y = maxpool(x) on [x; x'], going back by captum's DeepLIFT rule for max pooling"
+    @staticmethod
+    def forward(ctx, x, fn, eps):
+        ctx.fn, ctx.eps = fn, eps
+        ctx.save_for_backward(x)
+        return fn(x)
+    @staticmethod
+    def backward(ctx, g):
+        x, = ctx.saved_tensors
+        with torch.enable_grad():
+            xx = x.detach().requires_grad_()
+            y = ctx.fn(xx)
+            yi, yr = y.detach().chunk(2)
+            m = torch.max(yi, yr)
+            u = torch.autograd.grad(y, xx, g * torch.cat([m - yr, yi - m]), retain_graph=True)[0] # each half's change, sent back to where its own maxima are
+            plain = torch.autograd.grad(y, xx, g)[0]
+        xi, xr = x.chunk(2)
+        dx = torch.cat(2 * [xi - xr])
+        return torch.where(dx.abs() < ctx.eps, plain, torch.cat(2 * [sum(u.chunk(2))]) / dx), None, None
+
+class RescaleRule(TorchFunctionMode):
+    """Under it, a forward pass of a batch of inputs and their references [x; x'] records DeepLIFT's rescale rule for every elementwise
+    nonlinearity it calls (modules or functions, in place or not), and captum's rule for max pooling"""
+    def __init__(self, eps:float=1e-10):
+        super().__init__()
+        self.eps = eps
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        pool = func in _max_pools
+        if (func in _activations or (pool and not _with_indices(func, args, kwargs))) and isinstance(args[0], Tensor):
+            rest = args[1:]
+            fn = lambda t: _call(func, (t, *rest), kwargs)
+            return (_RescaleMax if pool else _Rescale).apply(args[0], fn, self.eps) # out of place: the caller uses the result
+        return func(*args, **(kwargs or {}))
+
+def _baseline(b, x:Tensor)->Tensor:
+    "A baseline (a number, or a tensor that broadcasts to one image) as a float32 tensor like one image of `x`"
+    return torch.as_tensor(b, dtype=torch.float32, device=x.device).expand_as(x[0])
+
+@register_method('deeplift', 'deep_lift')
+class DeepLift(InputGradientMethod):
+    """DeepLIFT with the rescale rule, Shrikumar et al. 2017, 'Learning Important Features Through Propagating Activation Differences' (captum's `DeepLift`):
+    (x − x') ⊙ m, with m the multipliers Δy/Δx of every nonlinearity between the input and its reference x', chained through the linear layers as gradients"""
+    paper, cost = 'Shrikumar et al. 2017', '1 forward + backward of 2 images per image'
+    def __init__(self,
+        baseline:float|Tensor=0., # The reference x': a number, or a tensor that broadcasts to an image (C, H, W); 0 is the mean colour of a normalized dataset
+        eps:float=1e-10, # Where |Δx| < eps, a nonlinearity goes back by its gradient (captum's `eps`)
+        reduce:str|None='max', # Over colour channels: 'max' (largest magnitude), 'sum', 'mean', or None to keep them
+    ):
+        super().__init__(reduce)
+        if not (isinstance(eps, (int, float)) and eps >= 0): raise ValueError(f"`eps` should be a number ≥ 0; got {eps!r}.")
+        self.baseline, self.eps = baseline, eps
+    def forward(self, ctx):
+        "One forward pass of the inputs and their references together; the predictions are the inputs' half"
+        x = ctx.x
+        ctx.xg = x.detach().requires_grad_()
+        ref = _baseline(self.baseline, x).to(x.dtype).expand_as(x)
+        with torch.enable_grad(), ctx.autocast(), RescaleRule(self.eps): out = ctx.model(torch.cat([ctx.xg, ref]))
+        if not isinstance(out, Tensor) or len(out) != 2 * len(x): return out # the engine says what is wrong with it
+        ctx.cache['deeplift'] = out
+        return out[:len(x)]
+    def attribute(self, ctx):
+        rows = torch.arange(len(ctx.x), device=ctx.x.device).repeat(2) # the score of the reference too, as captum (its max-pooling rule mixes both halves)
+        g = torch.autograd.grad(ctx.score(ctx.cache['deeplift'], rows).sum(), ctx.xg, retain_graph=True)[0].float()
+        return (ctx.x.float() - _baseline(self.baseline, ctx.x)) * g
+
+# %% ../nbs/02b_gradients.ipynb #69a6ab36
+def _baselines(b, x:Tensor, generator:torch.Generator|None=None)->Tensor:
+    "Reference images (N, C, H, W) like those of `x`: a tensor (or a function of the batch giving one); None for 8 images of Gaussian noise N(0, 1) from `generator`"
+    if b is None: b = torch.randn((8, *x.shape[1:]), generator=generator).to(x.device)
+    elif callable(b): b = b(x)
+    b = torch.as_tensor(b).to(x.device, torch.float32)
+    if b.ndim == 3: b = b[None]
+    try: ok = b.ndim == 4 and len(b) > 0 and torch.broadcast_shapes(b.shape[1:], x.shape[1:]) == x.shape[1:]
+    except RuntimeError: ok = False
+    if not ok: raise ValueError(f"`baselines` should be reference images like the input, a tensor (N, {', '.join(map(str, x.shape[1:]))}); got shape {tuple(b.shape)}.")
+    return b.expand(len(b), *x.shape[1:])
+
+@register_method('deepliftshap', 'deep_lift_shap', 'deepshap')
+class DeepLiftShap(InputGradientMethod):
+    """DeepLIFT SHAP, Lundberg & Lee 2017, 'A Unified Approach to Interpreting Model Predictions' (captum's `DeepLiftShap`):
+    the mean over references x'_j of DeepLIFT's (x − x'_j) ⊙ m_j (rescale rule)"""
+    paper, cost = 'Lundberg & Lee 2017', '1 forward + backward of 2 images per (image, baseline)'
+    def __init__(self,
+        baselines:Tensor|None=None, # The reference images (N, C, H, W), or a function of the batch giving them; None for 8 images of Gaussian noise N(0, 1), the same for every image
+        eps:float=1e-10, # Where |Δx| < eps, a nonlinearity goes back by its gradient (captum's `eps`)
+        reduce:str|None='max', # Over colour channels: 'max' (largest magnitude), 'sum', 'mean', or None to keep them
+    ):
+        super().__init__(reduce)
+        if not (isinstance(eps, (int, float)) and eps >= 0): raise ValueError(f"`eps` should be a number ≥ 0; got {eps!r}.")
+        self.baselines, self.eps = baselines, eps
+    def forward(self, ctx): return ctx.run(ctx.x)
+    def attribute(self, ctx):
+        x = ctx.x
+        if 'deepliftshap' not in ctx.cache: ctx.cache['deepliftshap'] = _baselines(self.baselines, x, ctx.generator) # the same for every target
+        refs = ctx.cache['deepliftshap']
+        n, nb = len(x), len(refs)
+        total = torch.zeros_like(x, dtype=torch.float32)
+        for sl in ctx.chunks(n * nb, 'DeepLIFT SHAP'):
+            idx = torch.arange(sl.start, sl.stop, device=x.device)
+            rows, j = idx // nb, idx % nb
+            g = ctx.input_grads_of(torch.cat([x[rows], refs[j].to(x.dtype)]), rows.repeat(2), rule=RescaleRule(self.eps))[:len(rows)] # the inputs' half
+            total.index_add_(0, rows, (x[rows].float() - refs[j]) * g)
+        return total / nb
+
+@register_method('gradientshap', 'gradient_shap')
+class GradientShap(InputGradientMethod):
+    """GradientSHAP, Lundberg & Lee 2017, 'A Unified Approach to Interpreting Model Predictions' (captum's `GradientShap`):
+    the mean over k of (x_k − x'_k) ⊙ ∂y_c/∂x(x'_k + α_k (x_k − x'_k)), with x_k = x + ε_k, ε_k ~ N(0, stdevs²), x'_k drawn from the baselines and α_k ~ U(0, 1)"""
+    paper, cost = 'Lundberg & Lee 2017', '`samples` forwards + backwards to the input'
+    def __init__(self,
+        samples:int=20, # Random points (x'_k, α_k, ε_k) per image (captum's `n_samples`); the same draws for every image
+        baselines:Tensor|None=None, # The reference images (N, C, H, W) to draw from, or a function of the batch giving them; None for 8 images of Gaussian noise N(0, 1)
+        stdevs:float=0., # Standard deviation of the noise added to the input, in the input's units (captum's `stdevs`)
+        reduce:str|None='max', # Over colour channels: 'max' (largest magnitude), 'sum', 'mean', or None to keep them
+    ):
+        super().__init__(reduce)
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1: raise ValueError(f"`samples` is the number of random points per image, an int ≥ 1; got {samples!r}.")
+        if not (isinstance(stdevs, (int, float)) and not isinstance(stdevs, bool) and stdevs >= 0): raise ValueError(f"`stdevs` is the noise's standard deviation, a number ≥ 0; got {stdevs!r}.")
+        self.samples, self.baselines, self.stdevs = samples, baselines, stdevs
+    def draws(self,
+        x:Tensor, # The batch
+        generator:torch.Generator|None=None, # Where the random numbers come from (the engine's is seeded with 0)
+    )->tuple:
+        "The reference images, and what every image of `x` draws: a reference index (S,), α (S,) and a noise ε (S, C, H, W)"
+        refs = _baselines(self.baselines, x, generator)
+        j = torch.randint(len(refs), (self.samples,), generator=generator)
+        a = torch.rand(self.samples, generator=generator)
+        eps = torch.randn((self.samples, *x.shape[1:]), generator=generator) * self.stdevs
+        return refs, j.to(x.device), a.to(x.device), eps.to(x.device)
+    def forward(self, ctx): return ctx.run(ctx.x)
+    def attribute(self, ctx):
+        if 'gradientshap' not in ctx.cache: ctx.cache['gradientshap'] = self.draws(ctx.x, ctx.generator) # the same draws for every target
+        refs, j, a, eps = ctx.cache['gradientshap']
+        x = ctx.x.float()
+        n, S = len(x), self.samples
+        total = torch.zeros_like(x)
+        for sl in ctx.chunks(n * S, 'GradientSHAP'):
+            idx = torch.arange(sl.start, sl.stop, device=x.device)
+            rows, k = idx // S, idx % S
+            xk, rk, ak = x[rows] + eps[k], refs[j[k]], a[k, None, None, None]
+            total.index_add_(0, rows, (xk - rk) * ctx.input_grads_of(ak * xk + (1 - ak) * rk, rows))
+        return total / S
+
+# %% ../nbs/02b_gradients.ipynb #b28a96f2
+class _TimesInput(torch.autograd.Function):
+    "The identity, going back as g ⊙ a: a layer's input relevance from the normalized relevance it receives"
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        return a.view_as(a)
+    @staticmethod
+    def backward(ctx, g):
+        a, = ctx.saved_tensors
+        return g * a
+
+class _Normalize(torch.autograd.Function):
+    "Returns `z` (the layer's output), and goes back into `zr` (the output of the layer under its rule) as R / (zr + ε sign zr), sign 0 counted as +"
+    @staticmethod
+    def forward(ctx, zr, z, eps):
+        ctx.eps = eps
+        ctx.save_for_backward(zr)
+        return z.view_as(z)
+    @staticmethod
+    def backward(ctx, r):
+        zr, = ctx.saved_tensors
+        return r / (zr + ctx.eps * torch.where(zr >= 0, 1., -1.).to(zr.dtype)), None, None
+
+class _PassOn(torch.autograd.Function):
+    "y = f(a) for an elementwise activation, handing the relevance back unchanged"
+    @staticmethod
+    def forward(ctx, a, y): return y.view_as(y)
+    @staticmethod
+    def backward(ctx, r): return r, None
+
+_lrp_layers = {torch.conv1d: 'conv', torch.conv2d: 'conv', torch.conv3d: 'conv', F.linear: 'linear', F.batch_norm: 'bn',
+               F.avg_pool1d: 'pool', F.avg_pool2d: 'pool', F.avg_pool3d: 'pool', F.adaptive_avg_pool1d: 'pool', F.adaptive_avg_pool2d: 'pool',
+               F.adaptive_avg_pool3d: 'pool', **{f: 'pool' for f in _max_pools}}
+_adds = {torch.add, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__iadd__, Tensor.__radd__}
+
+class LRPRule(TorchFunctionMode):
+    """Under it, the forward pass records layer-wise relevance propagation: convolutions, linear layers and batch norms go back by the epsilon
+    or gamma rule (`rules`, by kind: 'conv', 'linear', 'bn'), poolings and sums of two activations by the epsilon rule, and activations hand
+    relevance on unchanged; the gradient with respect to the input is then its relevance, for a relevance of 1 at the output"""
+    def __init__(self, rules:dict|None=None, epsilon:float=1e-9, gamma:float=0.25):
+        super().__init__()
+        self.rules, self.epsilon, self.gamma = rules or {}, epsilon, gamma
+    def _under_gamma(self, func, args, kwargs, kind):
+        "The layer's output with its weight w replaced by w + γ·max(w, 0) (captum's `GammaRule`: the bias is kept)"
+        args, i = list(args), (3 if kind == 'bn' else 1) # batch_norm(input, mean, var, weight, ...); conv/linear(input, weight, ...)
+        w = kwargs.get('weight', args[i] if len(args) > i else None)
+        if w is None: return func(*args, **kwargs)
+        w = w + self.gamma * w.clamp_min(0)
+        if 'weight' in kwargs: kwargs = {**kwargs, 'weight': w}
+        else: args[i] = w
+        return func(*args, **kwargs)
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _activations and isinstance(args[0], Tensor): return _PassOn.apply(args[0], _call(func, args, kwargs))
+        kind = _lrp_layers.get(func)
+        if kind is not None and isinstance(args[0], Tensor) and not (kind == 'pool' and func in _max_pools and _with_indices(func, args, kwargs)):
+            a = _TimesInput.apply(args[0])
+            z = func(a, *args[1:], **kwargs)
+            if kind != 'pool' and self.rules.get(kind, 'epsilon') == 'gamma':
+                return _Normalize.apply(self._under_gamma(func, (a, *args[1:]), kwargs, kind), z.detach(), self.epsilon)
+            return _Normalize.apply(z, z, self.epsilon)
+        if (func in _adds and len(args) == 2 and not kwargs and all(isinstance(o, Tensor) and not isinstance(o, nn.Parameter) for o in args)
+            and args[0].shape == args[1].shape):
+            z = _TimesInput.apply(args[0]) + _TimesInput.apply(args[1]) # out of place: the caller uses the result
+            return _Normalize.apply(z, z, self.epsilon)
+        return func(*args, **kwargs)
+
+_lrp_rules = ('epsilon', 'gamma')
+
+@register_method('lrp', 'layerwise_relevance_propagation')
+class LRP(InputGradientMethod):
+    """Layer-wise relevance propagation, Bach et al. 2015, 'On Pixel-Wise Explanations for Non-Linear Classifier Decisions by Layer-Wise Relevance Propagation'
+    (rules of Montavon et al. 2019; captum's `LRP`): from R = y_c at the output, each layer z = f(a) hands back R_a = a ⊙ ∂f_ρ/∂aᵀ (R / (z_ρ + ε sign z_ρ)),
+    f_ρ the layer itself (epsilon rule) or with weights w + γ·max(w, 0) (gamma rule)"""
+    paper, cost = 'Bach et al. 2015', '1 forward + backward to the input'
+    def __init__(self,
+        conv:str='epsilon', # Rule of the convolutions: 'epsilon' or 'gamma'
+        linear:str='epsilon', # Rule of the linear layers: 'epsilon' or 'gamma'
+        bn:str='epsilon', # Rule of the batch norms: 'epsilon' or 'gamma'
+        epsilon:float=1e-9, # The stabilizer ε of every rule (captum's default)
+        gamma:float=0.25, # The gamma rule's γ (captum's default)
+        reduce:str|None='max', # Over colour channels: 'max' (largest magnitude), 'sum', 'mean', or None to keep them
+    ):
+        super().__init__(reduce)
+        for k, v in dict(conv=conv, linear=linear, bn=bn).items():
+            if v not in _lrp_rules: raise ValueError(f"Unknown rule {v!r} for `{k}`: use 'epsilon' or 'gamma'.")
+        if not (isinstance(epsilon, (int, float)) and epsilon > 0): raise ValueError(f"`epsilon` should be a number > 0; got {epsilon!r}.")
+        if not (isinstance(gamma, (int, float)) and gamma >= 0): raise ValueError(f"`gamma` should be a number ≥ 0; got {gamma!r}.")
+        self.conv, self.linear, self.bn, self.epsilon, self.gamma = conv, linear, bn, epsilon, gamma
+    def backward_rule(self): return LRPRule(dict(conv=self.conv, linear=self.linear, bn=self.bn), self.epsilon, self.gamma)
+    def attribute(self, ctx):
+        "The relevance of each input: the gradient, under the rules, of the score of y ⊙ stop_gradient(y) (R = y_c at the output)"
+        out = ctx.out
+        return torch.autograd.grad(ctx.score(out * out.detach()).sum(), ctx.xg, retain_graph=True)[0].float()

@@ -1,4 +1,4 @@
-"""Occlusion: where covering the image makes the model less sure
+"""Occlusion, feature ablation, LIME and Kernel SHAP: where removing part of the image makes the model less sure
 
 Docs: https://fastai-heatmap.github.io/fastai_heatmap/perturbation.html.md"""
 
@@ -6,12 +6,15 @@ Docs: https://fastai-heatmap.github.io/fastai_heatmap/perturbation.html.md"""
 
 # %% ../nbs/02c_perturbation.ipynb #4f0ddfad
 from __future__ import annotations
-import torch
+import importlib.util
+import numpy as np, torch
+import torch.nn.functional as F
 from torch import nn, Tensor
 from .core import *
 
 # %% auto #0
-__all__ = ['window_positions', 'Occlusion']
+__all__ = ['window_positions', 'Occlusion', 'grid_mask', 'superpixels', 'fit_linear', 'FeatureMaskMethod', 'FeatureAblation',
+           'Lime', 'KernelShap']
 
 # %% ../nbs/02c_perturbation.ipynb #dd226bb6
 def _pair(v, name):
@@ -75,3 +78,228 @@ class Occlusion(PerturbationMethod):
         rows = torch.arange(n, device=probs.device).repeat_interleave(P)
         drop = ctx.prob(ctx.preds)[:, None] - ctx.pick(probs.flatten(0, 1), rows).view(n, P)
         return torch.einsum('bp,phw->bhw', drop, masks) / masks.sum(0)
+
+# %% ../nbs/02c_perturbation.ipynb #7959337c
+def grid_mask(
+    h:int, w:int, # The image's height and width
+    grid:int|tuple=8, # Patches per side: an int for a square grid, or (rows, columns)
+)->Tensor:
+    "Feature ids (h, w), row by row, of a `grid` of patches of (nearly) equal size covering the image"
+    gh, gw = (grid, grid) if isinstance(grid, int) and not isinstance(grid, bool) else tuple(grid)
+    if not all(isinstance(o, int) and not isinstance(o, bool) and o >= 1 for o in (gh, gw)): raise ValueError(f"`grid` should be an int ≥ 1 or a pair (rows, columns) of them; got {grid!r}.")
+    gh, gw = min(gh, h), min(gw, w)
+    rows, cols = torch.arange(h) * gh // h, torch.arange(w) * gw // w
+    return rows[:, None] * gw + cols[None]
+
+def superpixels(
+    x:Tensor, # Images (B, C, H, W), as the model takes them
+    n:int=64, # About how many superpixels per image
+    compactness:float=20., # SLIC's balance of colour and space (higher: squarer, and closer to `n` of them)
+)->Tensor:
+    "SLIC superpixels (Achanta et al. 2012) of each image as feature ids (B, H, W), by scikit-image (only needed for this)"
+    if importlib.util.find_spec('skimage') is None:
+        raise ImportError("mask='superpixels' needs scikit-image (`pip install scikit-image`); or leave `mask` out for a grid of patches, or pass your own integer mask.")
+    from skimage.segmentation import slic
+    res = []
+    for img in x.detach().float().cpu():
+        lo, hi = img.amin((1, 2), keepdim=True), img.amax((1, 2), keepdim=True)
+        a = ((img - lo) / (hi - lo).clamp_min(1e-12)).permute(1, 2, 0).numpy()
+        res.append(torch.from_numpy(slic(a, n_segments=n, compactness=compactness, start_label=0, channel_axis=-1).astype(np.int64)))
+    return torch.stack(res).to(x.device)
+
+def _feature_masks(mask, grid, x:Tensor)->tuple:
+    "Feature ids (B, H, W) numbered 0, 1, ... in each image, and the number of features of each image (B,)"
+    B, _, H, W = x.shape
+    if mask is None: m = grid_mask(H, W, grid).to(x.device)[None].expand(B, H, W)
+    elif isinstance(mask, str):
+        if mask != 'superpixels': raise ValueError(f"Unknown mask {mask!r}: use None (a grid of patches), 'superpixels', or an integer tensor of feature ids (H, W) or (B, H, W).")
+        m = superpixels(x, grid * grid if isinstance(grid, int) else grid[0] * grid[1])
+    else:
+        m = torch.as_tensor(mask, device=x.device)
+        if m.is_floating_point() or m.dtype == torch.bool or m.is_complex(): raise TypeError(f"`mask` should hold integer feature ids; got {m.dtype} values.")
+        if m.ndim == 4 and m.shape[1] == 1: m = m[:, 0]
+        if m.ndim == 2: m = m[None]
+        if m.ndim != 3 or m.shape[-2:] != (H, W) or len(m) not in (1, B):
+            raise ValueError(f"`mask` should be feature ids for each pixel, (H, W) = ({H}, {W}) for all images or (B, H, W) for each; got shape {tuple(m.shape)}.")
+        m = m.expand(B, H, W)
+    ids, n = [], []
+    for mi in m: # the features of each image, numbered from 0 in the order of their ids
+        u, inv = torch.unique(mi, return_inverse=True)
+        ids.append(inv); n.append(len(u))
+    return torch.stack(ids), torch.tensor(n, device=x.device)
+
+# %% ../nbs/02c_perturbation.ipynb #c912786b
+def _centred(z:Tensor, y:Tensor, w:Tensor)->tuple:
+    "Weighted means removed: the intercept of sklearn's `fit_intercept=True`"
+    p = w / w.sum(-1, keepdim=True)
+    zm, ym = (p[..., None] * z).sum(-2, keepdim=True), (p * y).sum(-1, keepdim=True)
+    return z - zm, y - ym, p
+
+def fit_linear(
+    z:Tensor, # Inputs (..., S, F)
+    y:Tensor, # Targets (..., S)
+    w:Tensor|None=None, # Weights of the samples (..., S); equal when None
+    alpha:float=0., # L1 penalty: 0 for least squares (sklearn's `LinearRegression`), > 0 for the Lasso (sklearn's `Lasso(alpha)`)
+    tol:float=1e-10, # For the Lasso: stop when no coefficient moves by more than `tol` × (1 + the largest)
+    max_iter:int=100_000, # For the Lasso: the most iterations
+)->Tensor:
+    """Coefficients (..., F) of the linear model with intercept that minimizes ½ Σ_i p_i (y_i − b − z_i·β)² + α ‖β‖₁ with p = w / Σ w
+    (sklearn's objective with `sample_weight`), in float64: least squares by the pseudo-inverse (the least-norm solution when it is not unique),
+    the Lasso by accelerated proximal gradient (FISTA with restarts)"""
+    z, y = z.double(), y.double()
+    w = torch.ones_like(y) if w is None else w.double().expand_as(y)
+    zc, yc, p = _centred(z, y, w)
+    if alpha == 0:
+        s = p.sqrt()
+        return (torch.linalg.pinv(zc * s[..., None]) @ (yc * s)[..., None])[..., 0]
+    G, c = zc.transpose(-1, -2) @ (p[..., None] * zc), (zc.transpose(-1, -2) @ (p * yc)[..., None])[..., 0] # ½ βᵀGβ − cᵀβ + α‖β‖₁
+    L = torch.linalg.eigvalsh(G)[..., -1:].clamp_min(1e-30)
+    b = v = torch.zeros_like(c)
+    t = torch.ones_like(c[..., :1])
+    for _ in range(max_iter):
+        u = v - ((G @ v[..., None])[..., 0] - c) / L
+        nb = u.sign() * (u.abs() - alpha / L).clamp_min(0)
+        done = ((nb - b).abs().amax(-1) <= tol * (1 + nb.abs().amax(-1))).all()
+        restart = (((nb - b) * (b - v)).sum(-1, keepdim=True) > 0) # momentum against the descent: start it again
+        nt = (1 + (1 + 4 * t * t).sqrt()) / 2
+        v = torch.where(restart, nb, nb + (t - 1) / nt * (nb - b))
+        b, t = nb, torch.where(restart, 1., nt)
+        if done: break
+    return b
+
+# %% ../nbs/02c_perturbation.ipynb #c2d59935
+class FeatureMaskMethod(PerturbationMethod):
+    "A perturbation method over features (groups of pixels, a grid of patches by default): features are kept or replaced by the baseline, and each feature's value fills its pixels"
+    def __init__(self,
+        mask:Tensor|str|None=None, # Feature ids per pixel: an integer tensor (H, W) for every image or (B, H, W) for each; 'superpixels' (SLIC, needs scikit-image); None for a grid of patches
+        grid:int|tuple=8, # Patches per side of the default grid (rows, columns); the number of superpixels is about its square
+        baseline:float|Tensor=0., # What replaces a removed feature: a number, or a tensor that broadcasts to (C, H, W); 0 is the mean colour of a normalized dataset
+    ):
+        if mask is None or isinstance(mask, str): _feature_masks(mask if mask != 'superpixels' else None, grid, torch.zeros(1, 1, 8, 8)) # checks `grid` and the name
+        self.mask, self.grid, self.baseline = mask, grid, baseline
+    def draw(self, n_features:int, generator:torch.Generator)->Tensor:
+        "Which features each perturbed copy keeps (S, n_features), 1 kept and 0 removed (the family's override point)"
+        raise NotImplementedError
+    def _probs(self, ctx):
+        "Feature ids, each image's kept-features samples, padded (B, S, F), and the probabilities of every class for each perturbed copy (B, S, n_classes), computed once for all targets"
+        if 'features' in ctx.cache: return ctx.cache['features']
+        x = ctx.x
+        ids, nf = _feature_masks(self.mask, self.grid, x)
+        B, S_of = len(x), {}
+        for f in nf.unique().tolist(): S_of[f] = self.draw(f, torch.Generator().manual_seed(ctx.generator.initial_seed())) # the same draws for every image with as many features
+        S, Fm = max(len(s) for s in S_of.values()), int(nf.max())
+        z = torch.zeros(B, S, Fm, device=x.device)
+        valid = torch.zeros(B, S, dtype=torch.bool, device=x.device)
+        for b, f in enumerate(nf.tolist()):
+            s = S_of[f].to(x.device)
+            z[b, :len(s), :f], valid[b, :len(s)] = s, True
+        base = torch.as_tensor(self.baseline, dtype=x.dtype, device=x.device)
+        probs = ctx.preds.new_zeros(B, S, ctx.preds.shape[1])
+        sims = torch.zeros(B, S, device=x.device)
+        pairs = torch.nonzero(valid)
+        for sl in ctx.chunks(len(pairs), self.name):
+            b, s = pairs[sl, 0], pairs[sl, 1]
+            keep = z[b, s].gather(1, ids[b].flatten(1)).view(len(b), 1, *x.shape[-2:]).to(x.dtype)
+            xs = x[b] * keep + base * (1 - keep)
+            probs[b, s] = ctx.probs(ctx.run(xs))
+            sims[b, s] = self.similarity(x[b], xs, z[b, s], nf[b])
+        ctx.cache['features'] = (ids, nf, z, valid, probs, sims)
+        return ctx.cache['features']
+    def similarity(self, x:Tensor, xs:Tensor, z:Tensor, n_features:Tensor)->Tensor:
+        "The weight (N,) in the fit of each perturbed copy `xs` of images `x`, which keeps features `z` (N, F) of `n_features` (N,); all 1 by default"
+        return torch.ones(len(x), device=x.device)
+    def attribute(self, ctx)->Tensor:
+        "The value of each feature (B, F) for the current targets"
+        raise NotImplementedError
+    def map(self, ctx):
+        ids = self._probs(ctx)[0]
+        return self.attribute(ctx).float().gather(1, ids.flatten(1)).view(ids.shape)
+
+
+@register_method('feature_ablation', 'featureablation', 'ablation')
+class FeatureAblation(FeatureMaskMethod):
+    """Feature ablation (captum's `FeatureAblation`; occlusion by features, Zeiler & Fergus 2014):
+    the value of feature f is p_c(x) − p_c(x with f replaced by the baseline)"""
+    paper, cost = 'Zeiler & Fergus 2014', '1 forward per feature'
+    def draw(self, n_features, generator): return 1 - torch.eye(n_features)
+    def attribute(self, ctx):
+        ids, nf, z, valid, probs, sims = self._probs(ctx)
+        B, S = valid.shape
+        rows = torch.arange(B, device=probs.device).repeat_interleave(S)
+        return (ctx.prob(ctx.preds)[:, None] - ctx.pick(probs.flatten(0, 1), rows).view(B, S)) * valid
+
+
+class _Surrogate(FeatureMaskMethod):
+    "A weighted linear model of the probability of the class from which features are kept, fitted per image; its coefficients are the features' values"
+    alpha = 0.
+    def attribute(self, ctx):
+        ids, nf, z, valid, probs, sims = self._probs(ctx)
+        B, S = valid.shape
+        rows = torch.arange(B, device=probs.device).repeat_interleave(S)
+        y = ctx.pick(probs.flatten(0, 1), rows).view(B, S)
+        res = torch.zeros(z.shape[0], z.shape[2], dtype=torch.float64, device=z.device)
+        for f in nf.unique().tolist(): # images with as many features share their samples: one batched fit
+            b = torch.where(nf == f)[0]
+            n = int(valid[b[0]].sum())
+            res[b, :f] = fit_linear(z[b, :n, :f], y[b, :n], sims[b, :n], self.alpha)
+        return res
+
+
+@register_method('lime')
+class Lime(_Surrogate):
+    """LIME, Ribeiro et al. 2016, ''Why Should I Trust You?': Explaining the Predictions of Any Classifier' (captum's `Lime` and its defaults):
+    each feature kept with probability ½ in each of `samples` copies, weighted by exp(−d²/(2 w²)) with d the cosine distance of the copy to the image,
+    and the Lasso ½ Σ p_i (y_i − b − z_i·β)² + α‖β‖₁ fitted to the class's probability y; β are the features' values"""
+    paper, cost = 'Ribeiro et al. 2016', '1 forward per sample'
+    def __init__(self,
+        samples:int=256, # Perturbed copies per image (captum's `n_samples`); the same draws for every image with as many features
+        alpha:float=0.01, # The Lasso's L1 penalty (captum's default `SkLearnLasso(alpha=0.01)`); 0 for weighted least squares
+        kernel_width:float=1., # Width w of the similarity kernel (captum's `kernel_width`)
+        distance:str='cosine', # Distance of a copy to the image: 'cosine' or 'euclidean' (captum's `distance_mode`)
+        mask:Tensor|str|None=None, # Feature ids per pixel: an integer tensor (H, W) for every image or (B, H, W) for each; 'superpixels' (SLIC, needs scikit-image); None for a grid of patches
+        grid:int|tuple=8, # Patches per side of the default grid (rows, columns); the number of superpixels is about its square
+        baseline:float|Tensor=0., # What replaces a removed feature: a number, or a tensor that broadcasts to (C, H, W); 0 is the mean colour of a normalized dataset
+    ):
+        super().__init__(mask, grid, baseline)
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1: raise ValueError(f"`samples` is the number of perturbed copies per image, an int ≥ 1; got {samples!r}.")
+        if not (isinstance(alpha, (int, float)) and alpha >= 0): raise ValueError(f"`alpha` should be a number ≥ 0; got {alpha!r}.")
+        if not (isinstance(kernel_width, (int, float)) and kernel_width > 0): raise ValueError(f"`kernel_width` should be a number > 0; got {kernel_width!r}.")
+        if distance not in ('cosine', 'euclidean'): raise ValueError(f"Unknown distance {distance!r}: use 'cosine' or 'euclidean'.")
+        self.samples, self.alpha, self.kernel_width, self.distance = samples, alpha, kernel_width, distance
+    def draw(self, n_features, generator): return torch.bernoulli(torch.full((self.samples, n_features), .5), generator=generator)
+    def similarity(self, x, xs, z, n_features):
+        a, b = x.flatten(1).float(), xs.flatten(1).float()
+        d = 1 - F.cosine_similarity(a, b, dim=1, eps=1e-8) if self.distance == 'cosine' else (a - b).norm(dim=1)
+        return torch.exp(-d * d / (2 * self.kernel_width ** 2))
+
+
+@register_method('kernelshap', 'kernel_shap')
+class KernelShap(_Surrogate):
+    """Kernel SHAP, Lundberg & Lee 2017, 'A Unified Approach to Interpreting Model Predictions' (captum's `KernelShap`): the image with all features and with none
+    (weighted 10⁶), then copies keeping k features chosen at random, k drawn with probability ∝ (F − 1) / (k (F − k)), and weighted least squares fitted to the class's probability"""
+    paper, cost = 'Lundberg & Lee 2017', '1 forward per sample'
+    def __init__(self,
+        samples:int=256, # Perturbed copies per image (captum's `n_samples`), the two of all and no features included; the same draws for every image with as many features
+        mask:Tensor|str|None=None, # Feature ids per pixel: an integer tensor (H, W) for every image or (B, H, W) for each; 'superpixels' (SLIC, needs scikit-image); None for a grid of patches
+        grid:int|tuple=8, # Patches per side of the default grid (rows, columns); the number of superpixels is about its square
+        baseline:float|Tensor=0., # What replaces a removed feature: a number, or a tensor that broadcasts to (C, H, W); 0 is the mean colour of a normalized dataset
+    ):
+        super().__init__(mask, grid, baseline)
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 2: raise ValueError(f"`samples` is the number of perturbed copies per image, an int ≥ 2 (all features and none come first); got {samples!r}.")
+        self.samples = samples
+    def draw(self, n_features, generator):
+        F_, S = n_features, self.samples
+        z = torch.zeros(S, F_)
+        z[0] = 1
+        if S > 2 and F_ > 1:
+            k = torch.arange(F_, dtype=torch.float)
+            probs = torch.tensor(float(F_ - 1)) / (k * (F_ - k))
+            probs[0] = 0.
+            n_keep = torch.multinomial(probs, S - 2, replacement=True, generator=generator)
+            r = torch.randn(S - 2, F_, generator=generator)
+            keep = r.argsort(1, descending=True).argsort(1) < n_keep[:, None] # the n_keep largest of random numbers: a random subset of that size
+            z[2:] = keep.float()
+        return z
+    def similarity(self, x, xs, z, n_features):
+        kept = z.sum(-1)
+        return torch.where((kept == 0) | (kept == n_features), 1e6, 1.) # captum's weights: 10⁶ for all features or none, 1 for the others
