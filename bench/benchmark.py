@@ -47,7 +47,7 @@ from typing import Callable
 
 os.environ.setdefault('TQDM_DISABLE', '1')  # pytorch-grad-cam's per-image tqdm bars (ours: bar=False)
 
-import torch
+import numpy as np, torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -79,8 +79,8 @@ PGC, TC, CPT = 'pytorch-grad-cam', 'torchcam', 'captum'
 PEERS = (PGC, TC, CPT)
 EXTRA_ROWS = ('smoothgrad', 'sscam')  # not methods of their own: saliency and scorecam with smooth=n
 
-FULL = dict(bs=16, size=224, repeats=9, heavy_bs=2, heavy_size=96, heavy_repeats=5, steps=50, smooth=20, sscam=2)
-QUICK = dict(bs=4, size=128, repeats=3, heavy_bs=1, heavy_size=64, heavy_repeats=3, steps=16, smooth=8, sscam=2)
+FULL = dict(bs=16, size=224, repeats=9, heavy_bs=2, heavy_size=96, heavy_repeats=5, steps=50, smooth=20, sscam=2, vgg_bs=8, vgg_size=64, vgg_repeats=5, samples=256, concepts=5)
+QUICK = dict(bs=4, size=128, repeats=3, heavy_bs=1, heavy_size=64, heavy_repeats=3, steps=16, smooth=8, sscam=2, vgg_bs=2, vgg_size=32, vgg_repeats=3, samples=64, concepts=5)
 
 
 def parse_args(argv=None):
@@ -98,6 +98,11 @@ def parse_args(argv=None):
     p.add_argument('--steps', type=int, default=None, help='integrated gradients: steps (captum: n_steps, method=riemann_middle)')
     p.add_argument('--smooth', type=int, default=None, help='smoothgrad: noisy samples (captum NoiseTunnel: nt_samples)')
     p.add_argument('--sscam', type=int, default=None, help='sscam: noisy masks per channel (torchcam SSCAM: num_samples)')
+    p.add_argument('--vgg-bs', type=int, default=None, help="batch size of the methods timed on a vgg11_bn (deeplift, deepliftshap, lrp: captum's DeepLift refuses resnet18, whose blocks call one ReLU module twice)")
+    p.add_argument('--vgg-size', type=int, default=None, help='image height and width on the vgg11_bn')
+    p.add_argument('--vgg-repeats', type=int, default=None, help='timed runs of each method on the vgg11_bn')
+    p.add_argument('--samples', type=int, default=None, help="lime, kernelshap: perturbed copies per image (captum: n_samples); gradientshap uses --smooth")
+    p.add_argument('--concepts', type=int, default=None, help='dff: concepts (pytorch-grad-cam: n_components)')
     p.add_argument('--window', type=int, default=None, help='occlusion window (default: heavy size // 8)')
     p.add_argument('--stride', type=int, default=None, help='occlusion stride (default: window // 2)')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads; default: leave as is')
@@ -131,6 +136,12 @@ def select_methods(spec):
 def make_model(seed=0):
     torch.manual_seed(seed)
     return resnet18(weights=None, num_classes=10)
+
+def make_vgg(seed=0):
+    "The model of the 'vgg' setting: a vgg11_bn whose ReLU modules run once each (captum's DeepLift needs it)"
+    from torchvision.models import vgg11_bn
+    torch.manual_seed(seed)
+    return vgg11_bn(weights=None, num_classes=10)
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
@@ -266,6 +277,68 @@ def captum_smoothgrad_fn(n, per_batch, stdevs):
     return fn
 
 
+def baselines(x, n=4, seed=7):
+    "The reference images the SHAP methods of both libraries get: `n` images of noise, the same for every call"
+    return torch.randn(n, *x.shape[1:], generator=torch.Generator().manual_seed(seed))
+
+def captum_deeplift(model, x, preds): return channel_map(cpt.DeepLift(model).attribute(x, target=predict(model, x)))
+
+def captum_deepliftshap(model, x, preds): return channel_map(cpt.DeepLiftShap(model).attribute(x, baselines=baselines(x), target=predict(model, x)))
+
+def captum_lrp(model, x, preds): return channel_map(cpt.LRP(model).attribute(x, target=predict(model, x)))
+
+def captum_gradientshap_fn(n, per_batch):
+    def fn(model, x, preds):
+        return channel_map(cpt.GradientShap(model).attribute(x, baselines=baselines(x), n_samples=n, target=predict(model, x)))
+    return fn
+
+def grid_feature_mask(x, grid=8):
+    from fastai_heatmap.perturbation import grid_mask
+    return grid_mask(*x.shape[-2:], grid)[None, None]
+
+def captum_ablation_fn(per_eval):
+    def fn(model, x, preds):
+        probs = lambda inp: model(inp).softmax(-1)
+        return cpt.FeatureAblation(probs).attribute(x, target=predict(model, x), feature_mask=grid_feature_mask(x), perturbations_per_eval=per_eval)[:, 0].detach()
+    return fn
+
+def our_draws(name, n_features, **kw):
+    "What our method draws for images of `n_features` features (the engine's seed), as a captum `perturb_func`, so that both fit the same copies"
+    z = get_method(name, **kw).draw(n_features, torch.Generator().manual_seed(0))
+    def gen(original_inp, **kwargs):
+        for row in z: yield row[None].long()
+    return gen
+
+def captum_surrogate_fn(name, n, per_eval):
+    "captum's Lime (its default Lasso and similarity) or KernelShap, one image at a time as it runs them, with our draws"
+    def fn(model, x, preds):
+        probs, p, mask = (lambda inp: model(inp).softmax(-1)), predict(model, x), grid_feature_mask(x)
+        out = []
+        for i in range(len(x)):
+            if name == 'lime': m = cpt.Lime(probs, perturb_func=our_draws('lime', int(mask.max()) + 1, samples=n))
+            else:
+                m = cpt.KernelShap(probs)
+                m.perturb_func = our_draws('kernelshap', int(mask.max()) + 1, samples=n)
+            out.append(m.attribute(x[i:i+1], target=int(p[i]), feature_mask=mask, n_samples=n, perturbations_per_eval=per_eval))
+        return torch.cat(out)[:, 0].detach()
+    return fn
+
+def ours_factorize_fn(k):
+    def fn(model, x, preds):
+        from fastai_heatmap.concepts import factorize
+        return factorize(model, x, k, layer='layer4', joint=True, head=model.fc, bar=False).maps
+    return fn
+
+def pgc_dff_fn(k):
+    def fn(model, x, preds):
+        from pytorch_grad_cam import DeepFeatureFactorization
+        d = DeepFeatureFactorization(model=model, target_layer=model.layer4[-1], computation_on_concepts=model.fc)
+        try: concepts, maps, scores = d(x, k)
+        finally: d.activations_and_grads.release()
+        return torch.from_numpy(np.stack(maps))
+    return fn
+
+
 # ---------------------------------------------------------------------------------------------- the cases
 def make_cases(names, a):
     "One Case per method to time; its settings as text"
@@ -361,6 +434,40 @@ def make_cases(names, a):
             if tcm:
                 c.peers.append(Impl('torchcam SSCAM', TC, tc_score_fn(bsz, a.sscam, 0.15), note=f'batch_size={bsz}, num_samples={a.sscam}, std=0.15'))
                 c.agree['torchcam SSCAM'] = 'random noise, and torchcam\'s channel softmax: not comparable'
+        elif name in ('deeplift', 'deepliftshap', 'lrp'):
+            vgg = f"vgg11_bn, bs {a.vgg_bs}, {a.vgg_size}px"
+            kw = dict(baselines=baselines) if name == 'deepliftshap' else {}
+            c = Case(name, 'vgg', Impl(f'ours {name}', 'ours', ours(name, layer=False, **kw)), settings=vgg + (', 4 noise baselines' if kw else ''), target=('peers', 1.1))
+            if cpt:
+                fn, cls = dict(deeplift=(captum_deeplift, 'DeepLift'), deepliftshap=(captum_deepliftshap, 'DeepLiftShap'), lrp=(captum_lrp, 'LRP'))[name]
+                c.peers.append(Impl(f'captum {cls}', CPT, fn, clear_grads, '+ forward for targets, abs().amax(1)'))
+                c.agree[f'captum {cls}'] = "captum's ReLU hook reads the gradient before its max-pooling rule replaces it (ReLU → MaxPool in vgg): see tests/test_reference_attribution.py" if name != 'lrp' else None
+        elif name == 'gradientshap':
+            c = Case(name, 'heavy', Impl('ours gradientshap', 'ours', ours(name, layer=False, samples=a.smooth, baselines=baselines, batch_size=bsz)),
+                     settings=f"{heavy}, {a.smooth} samples, 4 noise baselines", target=('peers', 1.1))
+            if cpt:
+                c.peers.append(Impl('captum GradientShap', CPT, captum_gradientshap_fn(a.smooth, k), clear_grads, f'n_samples={a.smooth}, + forward for targets'))
+                c.agree['captum GradientShap'] = 'random draws: not comparable here (the tests give captum ours)'
+        elif name == 'feature_ablation':
+            c = Case(name, 'heavy', Impl('ours feature_ablation', 'ours', ours(name, layer=False, batch_size=k * a.heavy_bs), note=f'batch_size={k * a.heavy_bs}'),
+                     settings=f"{heavy}, 8x8 grid of patches, {k * a.heavy_bs} images per forward", target=('peers', 1.1))
+            if cpt:
+                c.peers.append(Impl('captum FeatureAblation', CPT, captum_ablation_fn(k), note=f'softmax forward, perturbations_per_eval={k}, + forward for targets'))
+                c.agree['captum FeatureAblation'] = None
+        elif name in ('lime', 'kernelshap'):
+            c = Case(name, 'heavy', Impl(f'ours {name}', 'ours', ours(name, layer=False, samples=a.samples, batch_size=bsz), note=f'batch_size={bsz}'),
+                     settings=f"{heavy}, 8x8 grid of patches, {a.samples} samples, {bsz} images per forward", target=('peers', 1.1))
+            if cpt:
+                cls = 'Lime' if name == 'lime' else 'KernelShap'
+                c.peers.append(Impl(f'captum {cls}', CPT, captum_surrogate_fn(name, a.samples, bsz), note=f'one image at a time (captum), perturbations_per_eval={bsz}, our draws, + forward for targets'))
+                c.agree[f'captum {cls}'] = None
+        elif name == 'dff':
+            c = Case(name, 'cheap', Impl('ours factorize', 'ours', ours_factorize_fn(a.concepts), note="factorize(joint=True, head=model.fc), as pytorch-grad-cam's"),
+                     settings=f"{cheap}, layer4, {a.concepts} concepts, one NMF for the batch", target=('peers', 1.1))
+            c.extra = [Impl("ours dff (method='dff')", 'ours', ours(name), note='the heatmap method: one NMF per image, concepts scored by the model from layer4 on')]
+            if pgc:
+                c.peers.append(Impl('pytorch-grad-cam DeepFeatureFactorization', PGC, pgc_dff_fn(a.concepts), note='computation_on_concepts=model.fc'))
+                c.agree['pytorch-grad-cam DeepFeatureFactorization'] = 'NMF from different random starts: not comparable here (the tests compare from the same start)'
         else:  # a method registered after this script was written: ours alone
             meth = get_method(name)
             tier = 'heavy' if 'per' in (meth.cost or '') else 'cheap'
@@ -404,11 +511,11 @@ def eigen_agreement(model, x, preds, name, theirs):
     d = (cands - as_map(theirs)[None]).abs().flatten(2).amax(2)  # (2, B)
     return d.amin(0).max().item(), int((d[1] < d[0]).sum())
 
-def agreements(model, cases, tiers, last):
+def agreements(cases, tiers, last):
     "(method, peer, max abs diff of normalized maps, note) for each pair the script knows how to compare"
     rows = []
     for c in cases:
-        x, preds = tiers[c.tier]['x'], tiers[c.tier]['preds']
+        x, preds, model = tiers[c.tier]['x'], tiers[c.tier]['preds'], tiers[c.tier]['model']
         mine = last.get(c.ours.key)
         for p in c.peers:
             if p.key not in c.agree or mine is None: continue
@@ -592,7 +699,7 @@ def verdict(c, t_ours, base, peer_times):
         return f"{'met' if r <= lim else 'MISSED'} (<= {lim}x fwd)"
     if not peer_times: return 'no peer'
     worst = max(t_ours / t for t in peer_times.values())
-    return f"{'met' if worst <= lim else 'MISSED'} (<= every peer)"
+    return f"{'met' if worst <= lim else 'MISSED'} (<= {'' if lim == 1 else f'{lim}x '}every peer)"
 
 def build_report(a, cases, tiers, med, agree, dead, extras, loads, started):
     L = []
@@ -601,11 +708,12 @@ def build_report(a, cases, tiers, med, agree, dead, extras, loads, started):
     L.append(f"- Machine: {cpu_model()}, {os.cpu_count()} CPUs; {torch.get_num_threads()} torch threads; "
              f"load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the end (other processes share the CPUs: times are noisy)")
     L.append(f"- Versions: {', '.join(versions())}; Python {platform.python_version()}")
-    L.append(f"- Model: torchvision resnet18(weights=None, num_classes=10), eval mode, CPU, random inputs; every map explains the predicted class")
+    L.append(f"- Model: torchvision resnet18(weights=None, num_classes=10), eval mode, CPU, random inputs; every map explains the predicted class"
+             + (f"; the 'vgg' setting (deeplift, deepliftshap, lrp: captum's DeepLift refuses resnet18, whose blocks call one ReLU module twice) uses a vgg11_bn(weights=None, num_classes=10), batch {a.vgg_bs}x3x{a.vgg_size}x{a.vgg_size}, median of {a.vgg_repeats}" if 'vgg' in med else ''))
     L.append(f"- Cheap methods: batch {a.bs}x3x{a.size}x{a.size}, median of {a.repeats} (after 1 warm-up); "
              f"expensive ones: batch {a.heavy_bs}x3x{a.heavy_size}x{a.heavy_size}, median of {a.heavy_repeats}; interleaved round-robin within each setting")
     L.append(f"- `ms` is ours; `x fwd` is ours / a no_grad forward at the same setting "
-             f"(cheap: {med['cheap']['forward, no_grad'] * 1e3:.1f} ms" + (f", expensive: {med['heavy']['forward, no_grad'] * 1e3:.1f} ms" if 'heavy' in med else '') + "); "
+             f"(cheap: {med['cheap']['forward, no_grad'] * 1e3:.1f} ms" + (f", expensive: {med['heavy']['forward, no_grad'] * 1e3:.1f} ms" if 'heavy' in med else '') + (f", vgg: {med['vgg']['forward, no_grad'] * 1e3:.1f} ms" if 'vgg' in med else '') + "); "
              "each peer column is ours / theirs (below 1: ours is faster) with their time in brackets.\n")
     L.append('| method | ms | x fwd | vs ' + ' | vs '.join(PEERS) + ' | settings | target |')
     L.append('|---|---:|---:|' + '---|' * len(PEERS) + '---|---|')
@@ -621,7 +729,7 @@ def build_report(a, cases, tiers, med, agree, dead, extras, loads, started):
     L.append('\nEvery implementation (ms, x the forward at its setting):\n')
     L.append('| setting | implementation | ms | x fwd | min-max ms | note |')
     L.append('|---|---|---:|---:|---:|---|')
-    for tier, tk in (('cheap', f'bs {a.bs}, {a.size}px'), ('heavy', f'bs {a.heavy_bs}, {a.heavy_size}px')):
+    for tier, tk in (('cheap', f'bs {a.bs}, {a.size}px'), ('heavy', f'bs {a.heavy_bs}, {a.heavy_size}px'), ('vgg', f'vgg11_bn, bs {a.vgg_bs}, {a.vgg_size}px')):
         if tier not in med: continue
         base = med[tier]['forward, no_grad']
         seen = set()
@@ -668,24 +776,25 @@ def main(argv=None):
     model = make_model(a.seed).eval()
     cases = make_cases(names, a)
     tiers = {}
-    for tier, bs, size, reps in (('cheap', a.bs, a.size, a.repeats), ('heavy', a.heavy_bs, a.heavy_size, a.heavy_repeats)):
+    for tier, bs, size, reps in (('cheap', a.bs, a.size, a.repeats), ('heavy', a.heavy_bs, a.heavy_size, a.heavy_repeats), ('vgg', a.vgg_bs, a.vgg_size, a.vgg_repeats)):
         cs = [c for c in cases if c.tier == tier]
-        if not cs and tier == 'heavy': continue
+        if not cs and tier != 'cheap': continue
+        m = make_vgg(a.seed).eval() if tier == 'vgg' else model
         x = torch.randn(bs, 3, size, size, generator=torch.Generator().manual_seed(a.seed + (tier == 'heavy')))
-        with torch.no_grad(): preds = model(x).argmax(1)
+        with torch.no_grad(): preds = m(x).argmax(1)
         impls = [Impl('forward, no_grad', 'torch', plain_forward, note='the baseline of x fwd')]
         for c in cs: impls += [c.ours] + c.extra + c.peers
-        tiers[tier] = dict(x=x, preds=preds, impls=impls, repeats=reps)
+        tiers[tier] = dict(x=x, preds=preds, impls=impls, repeats=reps, model=m)
 
     med, last = {}, {}
     for tier, t in tiers.items():
         print(f"\ntiming {len(t['impls'])} implementations on {tuple(t['x'].shape)}, {t['repeats']} rounds (+1 warm-up); classes {t['preds'].tolist()} ...", flush=True)
         t0 = time.perf_counter()
-        med[tier], lt, t['samples'] = time_all(model, t['x'], t['preds'], t['impls'], t['repeats'])
+        med[tier], lt, t['samples'] = time_all(t['model'], t['x'], t['preds'], t['impls'], t['repeats'])
         last.update(lt)
         print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    agree = agreements(model, cases, tiers, last)
+    agree = agreements(cases, tiers, last)
     clear_grads(model)
     dead = dead_channels(model, tiers['heavy']['x']) if any(c.method in ('scorecam', 'ablationcam') or 'SS-CAM' in c.method for c in cases) else None
     extras = []
@@ -711,7 +820,7 @@ def main(argv=None):
             if not verdict(c, m[c.ours.key], m['forward, no_grad'], {p.key: m[p.key] for p in c.peers if p.summary}).startswith('MISSED'): continue
             t = tiers[c.tier]
             print(f"profiling {c.ours.key} ...", flush=True)
-            total, rows, (n_fwd, t_fwd, parts) = profile_call(c.ours.fn, model, t['x'], t['preds'])
+            total, rows, (n_fwd, t_fwd, parts) = profile_call(c.ours.fn, t['model'], t['x'], t['preds'])
             prof.append(f"{c.ours.key} ({c.settings}): {total * 1e3:.0f} ms under cProfile. Model forward passes: {n_fwd}, {t_fwd * 1e3:.0f} ms "
                         f"({t_fwd / total:.0%}; by top-level module: " + ', '.join(f"{k} {v / t_fwd:.0%}" for k, v in parts.items() if v >= 0.01 * t_fwd)
                         + f"); the rest ({(total - t_fwd) * 1e3:.0f} ms) is backward passes and the method's own work. Functions by own time: "

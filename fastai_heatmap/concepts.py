@@ -20,17 +20,33 @@ __all__ = ['nmf', 'Concepts', 'DeepFeatureFactorization', 'factorize', 'concept_
            'concepts_grid']
 
 # %% ../nbs/02e_concepts.ipynb #62ab6212
-def _cd_sweep(P:Tensor, Wc:Tensor, Hc:Tensor, active:Tensor, all_active:bool)->Tensor:
-    "One pass of coordinate descent over the rows of Wc (G, k, m) for X ≈ Wcᵀ Hc, with P = Xᵀ, in place where `active` (G,); returns the sum of |projected gradient| of each matrix (sklearn's `_update_cdnmf_fast`)"
-    HHt, XHt = Hc @ Hc.transpose(-1, -2), Hc @ P # (G, k, k), (G, k, m)
-    hess = torch.diagonal(HHt, 0, -2, -1)[..., None] # (G, k, 1)
-    step = -torch.where(hess != 0, 1 / torch.where(hess != 0, hess, 1.), 0.) # where the Hessian is 0, so is the gradient: no step
-    old, G = Wc.clone(), torch.empty_like(Wc)
-    for t in range(Wc.shape[-2]): # each row from the rows before it already updated (Gauss-Seidel), as sklearn
-        g = torch.baddbmm(XHt[:, t:t+1], HHt[:, t:t+1], Wc, beta=-1, out=G[:, t:t+1]) # HHt[t]·W − XHt[t]
-        Wc[:, t:t+1].addcmul_(g, step[:, t:t+1]).clamp_min_(0)
-    if not all_active: Wc.copy_(torch.where(active[:, None, None], Wc, old))
-    return torch.where(old == 0, G.clamp_max(0), G).abs_().sum((-2, -1)) # the projected gradients' sizes
+class _Sweeps:
+    "Coordinate descent over the rows of Wc (G, k, m) for X ≈ Wcᵀ Hc, with P = Xᵀ (G, n, m), on buffers made once (sklearn's `_update_cdnmf_fast`)"
+    def __init__(self, P:Tensor, Wc:Tensor, Hc:Tensor):
+        self.P, self.Wc, self.Hc = P, Wc, Hc
+        G, k, m = Wc.shape
+        self.HHt, self.XHt, self.grad, self.old = Wc.new_empty(G, k, k), Wc.new_empty(G, k, m), torch.empty_like(Wc), torch.empty_like(Wc)
+        if G == 1: # one matrix: views of its rows made once, and matrix-vector products: the fewest calls
+            self.rows = list(zip(Wc[0].unbind(0), self.HHt[0].unbind(0), self.XHt[0].unbind(0), self.grad[0].unbind(0)))
+    def __call__(self, active:Tensor, all_active:bool)->Tensor:
+        "One pass, in place where `active` (G,); returns the sum of |projected gradient| of each matrix"
+        Wc, Hc = self.Wc, self.Hc
+        torch.matmul(Hc, Hc.transpose(-1, -2), out=self.HHt); torch.matmul(Hc, self.P, out=self.XHt)
+        hess = torch.diagonal(self.HHt, 0, -2, -1)
+        step = torch.where(hess != 0, 1 / torch.where(hess != 0, hess, 1.), 0.) # where the Hessian is 0, so is the gradient: no step
+        self.old.copy_(Wc)
+        # each row from the rows before it already updated (Gauss-Seidel), as sklearn: g = HHt[t]·W − XHt[t], W[t] = max(W[t] − g / HHt[t, t], 0)
+        if len(Wc) == 1:
+            WT = Wc[0].T
+            for (w, h, xh, g), st in zip(self.rows, step[0].tolist()):
+                w.add_(torch.addmv(xh, WT, h, beta=-1, out=g), alpha=-st).clamp_min_(0)
+        else:
+            for t in range(Wc.shape[-2]):
+                g = torch.baddbmm(self.XHt[:, t:t+1], self.HHt[:, t:t+1], Wc, beta=-1, out=self.grad[:, t:t+1])
+                Wc[:, t:t+1].addcmul_(g, step[:, t:t+1, None], value=-1).clamp_min_(0)
+        if not all_active: Wc.copy_(torch.where(active[:, None, None], Wc, self.old))
+        g = self.grad
+        return torch.where(self.old == 0, g.clamp_max(0), g).abs_().sum((-2, -1)) # the projected gradients' sizes
 
 def nmf(
     X:Tensor, # Non-negative matrices (..., m, n)
@@ -55,9 +71,10 @@ def nmf(
     X = X.reshape(-1, m, n)
     X, Xt = X.contiguous(), X.transpose(-1, -2).contiguous()
     active = torch.ones(len(X), dtype=torch.bool, device=X.device)
+    update_W, update_H = _Sweeps(Xt, Wc, Hc), _Sweeps(X, Hc, Wc)
     for it in range(max_iter):
         every = bool(active.all())
-        viol = _cd_sweep(Xt, Wc, Hc, active, every) + _cd_sweep(X, Hc, Wc, active, every)
+        viol = update_W(active, every) + update_H(active, every)
         if it == 0: viol0 = viol
         active = active & (viol0 != 0) & (viol / torch.where(viol0 != 0, viol0, 1.) > tol)
         if not active.any(): break

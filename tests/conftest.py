@@ -37,7 +37,7 @@ def assert_same_state(a, b):
 def fast_options(name):
     "Options that keep a method quick on small test models (the defaults are for real images)"
     # feature_ablation: the default 8×8 grid makes 2×2-pixel patches of a 16-pixel image, whose removal moves a random model's
-    # probabilities by ~1e-4, at float32 rounding's level (channels_last would then differ): 4×4 patches
+    # probabilities by ~1e-4, at float32 rounding's level (channels_last would then differ): 4×4 patches.
     return dict(integrated_gradients=dict(steps=8), occlusion=dict(window=8, stride=8), gradientshap=dict(samples=4),
                 lime=dict(samples=32), kernelshap=dict(samples=32), dff=dict(max_iter=30), feature_ablation=dict(grid=4)).get(name, {})
 

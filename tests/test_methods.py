@@ -76,12 +76,13 @@ def test_every_method_every_arch(archs, xb, arch, name):
     assert e.method == name and torch.equal(e.targets, e.preds.argmax(1))
     if get_method(name).uses_layer: assert e.layer is not None and min(e.layer_size) >= 1
     else: assert e.layer is None and e.layer_size == (SIZE, SIZE)
-    # per example equals batched (Ablation-CAM's weights are differences of nearly equal scores, and LRP divides by sums that can be
-    # nearly 0 (residual sums of a ConvNeXt), so float32 rounding shows more)
-    tol = 1e-3 if name in ('ablationcam', 'lrp') else 1e-5
+    # per example equals batched (Ablation-CAM's weights are differences of nearly equal scores, so float32 rounding shows more;
+    # LRP divides by each layer's outputs, which a random ConvNeXt's layer norms bring near 0 at places: its relevances reach 1e6
+    # times their median there, and batch-size rounding shows at a few pixels, up to 2%)
+    tol, rtol = dict(ablationcam=(1e-3, 1e-4), lrp=(1e-3, 2e-2)).get(name, (1e-5, 1e-4))
     for i in range(2):
         one = _maps(model, xb[i:i+1], name, norm=None).maps[0]
-        torch.testing.assert_close(one, e.maps[i], rtol=1e-3 if name == 'lrp' else 1e-4, atol=tol * (1 + e.maps[i].abs().max().item()))
+        torch.testing.assert_close(one, e.maps[i], rtol=rtol, atol=tol * (1 + e.maps[i].abs().max().item()))
 
 
 @pytest.mark.parametrize('name', method_names())
