@@ -9,18 +9,21 @@ from __future__ import annotations
 import warnings
 
 # %% auto #0
-__all__ = ['image_files', 'save_heatmap', 'explain_files', 'classes_files', 'layer_table', 'demo', 'cli_message', 'UsageError',
-           'main']
+__all__ = ['image_files', 'heatmap_picture', 'write_png', 'save_heatmap', 'explain_files', 'classes_files', 'layer_table', 'demo',
+           'cli_message', 'UsageError', 'main']
 
 # %% ../nbs/05_cli.ipynb #364ed941
 warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning) # torch's notice about fastai's own code, printed when fastai is imported: on every run of the command
 
 # %% ../nbs/05_cli.ipynb #2c919308
 import argparse, contextlib, os, re, sys, time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from PIL import Image
 import matplotlib
 import matplotlib.pyplot as plt
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 import torch
 from torch import Tensor
 import numpy as np, pandas as pd
@@ -68,21 +71,42 @@ def _rows(learn, files, e, probs):
         rows.append(dict(file=str(f), predicted=pred, probability=round(float(prob), 4), explained=label_of(learn, t, neg)))
     return rows
 
-def _label_rows(learn, named, p):
-    "For a multi-label learner: (row, label index) of each label predicted for the file of `named` (file, PNG name), whose probabilities are `p`; (row, None) when none is"
-    f, name = named
-    pos = torch.where(p > thresh_of(learn))[0].tolist()
-    pred = ';'.join(label_of(learn, k) for k in pos)
-    stem, used = Path(name).stem, set()
-    if not pos:
-        k = p.argmax().item()
-        return [(dict(file=str(f), predicted='', probability=round(float(p[k]), 4), explained='', heatmap=name, predicted_top=f"{label_of(learn, k)} {p[k]:.2f}"), None)]
-    return [(dict(file=str(f), predicted=pred, probability=round(float(p[k]), 4), explained=label_of(learn, k),
-                  heatmap=_png_name(stem + '_' + re.sub(r'[^\w-]+', '-', label_of(learn, k)), used)), k) for k in pos]
+def _label_pictures(learn, named, maps, probs, alpha):
+    "For a multi-label learner, per file of `named` (file, PNG name): (row, map, title, opacity) of each predicted label, or one picture without a map when none is"
+    res = []
+    for (f, name), m, p in zip(named, maps, probs):
+        pos = torch.where(p > thresh_of(learn))[0].tolist()
+        if not pos:
+            k = p.argmax().item()
+            res.append([(dict(file=str(f), predicted='', probability=round(float(p[k]), 4), explained='', heatmap=name), torch.zeros(m.shape[-2:]),
+                         f"no label predicted (top: {label_of(learn, k)} {p[k]:.2f})", 0.)])
+            continue
+        pred, used = ';'.join(label_of(learn, k) for k in pos), set()
+        res.append([(dict(file=str(f), predicted=pred, probability=round(float(p[k]), 4), explained=label_of(learn, k),
+                          heatmap=_png_name(Path(name).stem + '_' + re.sub(r'[^\w-]+', '-', label_of(learn, k)), used)), m[k], f"{label_of(learn, k)} ({p[k]:.2f})", alpha)
+                     for k in pos])
+    return res
 
 # %% ../nbs/05_cli.ipynb #2e1d0c9b
-def save_heatmap(
-    fn, # The PNG to write
+def _title_rows(title:str, figsize:tuple, dpi:int, rows:int)->np.ndarray|None:
+    "The top `rows` pixel rows (RGB) of a `figsize` figure with only `title` as its suptitle, as `save_heatmap` places it; None if the text reaches below them"
+    key = (title, figsize, dpi, rows)
+    if key not in _titles:
+        fig = Figure(figsize=figsize, dpi=dpi)
+        FigureCanvasAgg(fig)
+        fig.suptitle(title, y=0.995, va='top', fontsize=10)
+        fig.canvas.draw()
+        px = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+        if len(_titles) >= 2048: _titles.pop(next(iter(_titles))) # the oldest
+        _titles[key] = px[:rows].copy() if (px[rows:] == 255).all() else None
+    return _titles[key]
+_titles = {} # titles drawn so far: predictions repeat
+
+def _whole(v:float)->int|None:
+    "`v` as an int if it is one, give or take rounding"
+    return int(round(v)) if abs(v - round(v)) < 1e-6 and int(v + 1e-9) == int(round(v)) else None
+
+def heatmap_picture(
     img, # The original image (a PIL image)
     hm:torch.Tensor, # Its heatmap
     region:tuple|None, # Where the model's input lies on the image (`input_region`); None to draw on `model_img` instead
@@ -91,18 +115,47 @@ def save_heatmap(
     alpha:float=0.6, # Opacity of the heatmap
     cmap:str='magma', # Matplotlib colour map
     min_width:int=320, # Smaller images are enlarged to this width
-):
-    "Write `img` with `hm` over it, at the image's own resolution, and a title"
+)->np.ndarray:
+    """The picture `save_heatmap` writes, as RGBA pixels (H, W, 4): that of a matplotlib figure with the image, its map and a title. Where the map
+    covers the whole image, the image and its map are composed with `heatmap_overlay` and the title drawn by matplotlib once per title: the same pixels"""
     pic = img if region is not None else model_img
     w, h = pic.size if hasattr(pic, 'size') and not isinstance(pic, torch.Tensor) else (pic.shape[-1], pic.shape[-2])
     scale, dpi = max(1., min_width / w), 100
-    fig = plt.figure(figsize=(w*scale/dpi, h*scale/dpi + 0.35), dpi=dpi)
-    ax = fig.add_axes((0, 0, 1, h*scale/dpi / (h*scale/dpi + 0.35)))
+    figsize = (w*scale/dpi, h*scale/dpi + 0.35)
+    frac = h*scale/dpi / figsize[1]
+    W, H, body = _whole(figsize[0]*dpi), _whole(figsize[1]*dpi), _whole(frac*figsize[1]*dpi) # the figure's pixels, as matplotlib rounds them
+    if None not in (W, H, body) and (region is None or tuple(region) == (0, w, 0, h)):
+        top = _title_rows(title, figsize, dpi, H - body)
+        if top is not None:
+            px = np.empty((H, W, 4), np.uint8)
+            px[:H - body, :, :3] = top
+            px[H - body:, :, :3] = heatmap_overlay(pic, hm, size=(W, body), alpha=alpha, cmap=cmap)
+            px[..., 3] = 255 # opaque, as matplotlib writes it
+            return px
+    fig = plt.figure(figsize=figsize, dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, frac))
     show_heatmap(pic, hm, ax=ax, alpha=alpha, cmap=cmap, region=region, vmin=0, vmax=1)
     fig.suptitle(title, y=0.995, va='top', fontsize=10)
-    fig.savefig(fn, dpi=dpi)
+    fig.canvas.draw()
+    px = np.asarray(fig.canvas.buffer_rgba()).copy()
     plt.close(fig)
+    return px
+
+def write_png(fn, px:np.ndarray):
+    "Write pixels `px` as a PNG, compressed for speed (zlib level 1: the same pixels, files a quarter larger than matplotlib's)"
+    Image.fromarray(px).save(fn, format='PNG', compress_level=1)
     return fn
+
+@delegates_kept(heatmap_picture)
+def save_heatmap(
+    fn, # The PNG to write
+    img, # The original image (a PIL image)
+    hm:torch.Tensor, # Its heatmap
+    region:tuple|None, # Where the model's input lies on the image (`input_region`); None to draw on `model_img` instead
+    **kwargs,
+):
+    "Write `img` with `hm` over it, at the image's own resolution, and a title (`heatmap_picture`)"
+    return write_png(fn, heatmap_picture(img, hm, region, **kwargs))
 
 # %% ../nbs/05_cli.ipynb #c847a9e9
 def explain_files(
@@ -128,31 +181,28 @@ def explain_files(
     named = [(f, _png_name(f, used)) for f in files] # the same names in every process, whichever process writes the file
     rows, failed = [], []
     mine = shard(named)
-    for start in (progress_bar if bar else list)(range(0, len(mine), bs)):
-        good, items = [], []
-        for f, name in mine[start:start+bs]:
-            item, why = _open(learn, f) # read now, so that a corrupt file is skipped alone
-            if why is None: items.append(item); good.append((f, name))
-            else: failed.append((str(f), why))
-        for ix in size_groups(learn, items).values():
-            e, imgs = learn.explain([items[i] for i in ix], targets, method=method, layer=layer, with_input=True, bs=bs)
-            maps = e.maps.float().cpu() # one host copy per batch
-            if multi:
+    pending = []
+    with ThreadPoolExecutor(1) as writer: # PNGs are encoded and written while the next batch is explained
+        for start in (progress_bar if bar else list)(range(0, len(mine), bs)):
+            good, items = [], []
+            for f, name in mine[start:start+bs]:
+                item, why = _open(learn, f) # read now, so that a corrupt file is skipped alone
+                if why is None: items.append(item); good.append((f, name))
+                else: failed.append((str(f), why))
+            for ix in size_groups(learn, items).values():
+                e, imgs = learn.explain([items[i] for i in ix], targets, method=method, layer=layer, with_input=True, bs=bs)
+                maps, probs = e.maps.float().cpu(), probs_of(learn, e.preds).cpu() # one host copy per batch
+                shown = _label_pictures(learn, [good[i] for i in ix], maps, probs, alpha) if multi else [
+                    [(dict(r, heatmap=good[i][1]), maps[j], f"{r['predicted']} ({r['probability']:.2f})" + ("" if r['explained'] == r['predicted'] else f", map for {r['explained']}"), alpha)]
+                    for j, (i, r) in enumerate(zip(ix, _rows(learn, [good[i][0] for i in ix], e, probs)))]
                 for j, i in enumerate(ix):
-                    for r, k in _label_rows(learn, good[i], probs_of(learn, e.preds[j:j+1])[0].cpu()):
-                        hm = maps[j, k] if k is not None else torch.zeros(maps.shape[-2:])
-                        title = f"{r['explained']} ({r['probability']:.2f})" if k is not None else f"no label predicted (top: {r['predicted_top']})"
-                        save_heatmap(out/r['heatmap'], items[i], hm, input_region(learn, items[i].size), imgs[j], title=title, alpha=alpha if k is not None else 0., cmap=cmap)
+                    for r, hm, title, a in shown[j]:
+                        px = heatmap_picture(items[i], hm, input_region(learn, items[i].size), imgs[j], title=title, alpha=a, cmap=cmap)
+                        pending.append(writer.submit(write_png, out/r['heatmap'], px))
+                        while len(pending) > 2*bs: pending.pop(0).result() # at most two batches of pictures held
                         if save_maps: np.save(out/Path(r['heatmap']).with_suffix('.npy'), hm.numpy())
-                        r.pop('predicted_top', None)
                         rows.append(r)
-                continue
-            for j, (i, r) in enumerate(zip(ix, _rows(learn, [good[i][0] for i in ix], e, probs_of(learn, e.preds)))):
-                r['heatmap'] = good[i][1]
-                title = f"{r['predicted']} ({r['probability']:.2f})" + ("" if r['explained'] == r['predicted'] else f", map for {r['explained']}")
-                save_heatmap(out/r['heatmap'], items[i], maps[j], input_region(learn, items[i].size), imgs[j], title=title, alpha=alpha, cmap=cmap)
-                if save_maps: np.save(out/Path(r['heatmap']).with_suffix('.npy'), maps[j].numpy())
-                rows.append(r)
+        for p in pending: p.result() # every PNG written (a failure to write raises here)
     rows, failed = [sum(o, []) for o in zip(*gather_objects((rows, failed)))] # one gather: every process's rows, in rank order
     rows.sort(key=lambda r: r['file'])
     if processes().main: pd.DataFrame(rows, columns=['file', 'predicted', 'probability', 'explained', 'heatmap']).to_csv(out/'predictions.csv', index=False)
