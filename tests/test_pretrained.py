@@ -108,3 +108,40 @@ def test_gradcam_equals_pytorch_grad_cam_on_pretrained(imagenet, photo_batch):
     mine = heatmap(model, xb, targets=targets, method='gradcam', layer=layer) # bilinear to 160×160, min-max per map
     assert full.shape == mine.shape
     assert (mine - full).abs().max() < 0.05 # cv2's and torch's bilinear resizes differ slightly at the borders
+
+
+class _GuidedReLU6(torch.autograd.Function):
+    "ReLU6 with guided backpropagation's rule written out: the gradient passes where 0 < x < 6 and it is positive"
+    @staticmethod
+    def forward(ctx, x, rule):
+        ctx.save_for_backward(x); ctx.rule = rule
+        return x.clamp(0, 6)
+    @staticmethod
+    def backward(ctx, g):
+        x, = ctx.saved_tensors
+        if ctx.rule == 'deconvnet': return g * (g > 0), None
+        return g * ((x > 0) & (x < 6) & (g > 0)), None
+
+class _Swapped(torch.nn.Module):
+    def __init__(self, rule): super().__init__(); self.rule = rule
+    def forward(self, x): return _GuidedReLU6.apply(x, self.rule)
+
+
+@pytest.mark.parametrize('method,rule', [('guided', 'guided'), ('rectified', 'deconvnet')])
+def test_guided_rules_on_relu6_network(imagenet, photo_batch, method, rule):
+    "On EfficientNet-Lite0 (ReLU6 everywhere), the rules equal a copy of the network whose ReLU6 modules do the rule by hand"
+    import copy
+    model, (xb, targets) = imagenet.model.eval(), photo_batch
+    xb, targets = xb[:2], targets[:2]
+    ref_model = copy.deepcopy(model)
+    n = 0
+    for mod in list(ref_model.modules()):
+        for name, child in mod.named_children():
+            if isinstance(child, torch.nn.ReLU6): setattr(mod, name, _Swapped(rule)); n += 1
+    assert n > 30
+    x = xb.clone().requires_grad_()
+    ref, = torch.autograd.grad(ref_model(x).gather(1, targets[:, None]).sum(), x)
+    ours = heatmap(model, xb, targets=targets, method=method, norm=None, relu=False, reduce=None)
+    sal = heatmap(model, xb, targets=targets, method='saliency', norm=None, relu=False, reduce=None)
+    torch.testing.assert_close(ours, ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-4)
+    assert not torch.allclose(ours, sal, atol=1e-3 * float(sal.abs().max())) # not plain saliency
