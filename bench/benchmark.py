@@ -472,6 +472,23 @@ def saved_for_backward(fn, model, x, preds):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): fn(model, x, preds)
     return sum(seen.values())
 
+def graph_start(model, x, preds):
+    "Where our Grad-CAM's graph starts, and the memory autograd keeps, with and without other forward hooks reading layer4 (issue 21)"
+    from fastai.callback.hook import hook_output
+    from fastai_heatmap.hooks import ActivationHook
+    rows = []
+    for what, other in [('nothing else reads layer4', None), ("a fastai hook_output(layer4, detach=False) on the layer (as DynamicUnet's skip connections)", model.layer4),
+                        ('a hook on layer4[-1], inside the layer (its output is the layer\'s)', model.layer4[-1])]:
+        h = hook_output(other, detach=False) if other is not None else None
+        try:
+            with ActivationHook(model.layer4, grad=True) as a:
+                with torch.no_grad(): model(x)
+            mem = saved_for_backward(ours('gradcam'), model, x, preds)
+        finally:
+            if h is not None: h.remove()
+        rows.append(f"{what}: graph starts at layer4's {'input (recording layer4 too)' if a.from_input else 'output (head only)'}, {mem / 2**20:.2f} MiB kept for the backward pass")
+    return rows
+
 def n_hooks(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
                + len(getattr(m, '_backward_pre_hooks', {})) for m in model.modules())
@@ -684,6 +701,7 @@ def main(argv=None):
                 mem.append(f"{i.key}: {saved_for_backward(i.fn, model, x, preds) / 2**20:.2f} MiB")
                 i.cleanup(model)
             extras.append(("Memory autograd keeps for the backward pass (activations saved by the forward, parameters excluded), Grad-CAM, cheap batch:", mem))
+            extras.append(("Where fastai_heatmap's Grad-CAM graph starts (layer4, cheap batch), with other forward hooks reading the layer:", graph_start(model, x, preds)))
             extras.append(("State left on a fresh model (put in train mode, no .grad) by one documented Grad-CAM call:",
                            [f"{n}: {note}" for n, note in state_checks(tiers['cheap']['x'], a.seed)]))
     if not a.no_profile:

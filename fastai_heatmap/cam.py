@@ -24,31 +24,41 @@ class GradCAM(LayerMethod):
     def weights(self, ctx): return ctx.grads.mean((2, 3))
 
 # %% ../nbs/02a_cam.ipynb #b55f69d6
+def _is_1x1(m): return isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1 and m.stride == (1, 1) and m.padding in ((0, 0), 'valid', 'same')
+
 def _cam_head_weights(model:nn.Module, acts:Tensor, logits:Tensor)->Tensor:
-    "Weights (n_classes, K) of a global average pooling → [BatchNorm1d] → Linear head, checked against `logits` from the same forward"
+    """Weights (n_classes, K) of a global average pooling → [BatchNorm1d] → Linear head, or of a 1×1 convolution [→ ReLU] → global average pooling head
+    (SqueezeNet's, whose 1×1 convolution's weights are the class weights, as torch-cam reads them), checked against `logits` from the same forward"""
     what = ("method='cam' needs the layer to be followed by global average pooling → Linear (a BatchNorm1d in between is fine), "
-            "as in Zhou et al. 2016, but {}. fastai's default head (concat pooling → BatchNorm → Linear → ReLU → BatchNorm → Linear) is not one. "
-            "Use method='gradcam', which works with any head; or, if the model has such a head, pass the layer right before its pooling.")
-    lins = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not lins: raise ValueError(what.format('this model has no nn.Linear'))
-    fc, k = lins[-1], acts.shape[1]
-    if fc.in_features != k: raise ValueError(what.format(f'its last Linear takes {fc.in_features} features while the layer has {k} channels'))
+            "or by a 1×1 convolution to the classes (a ReLU after it is fine) → global average pooling, as in Zhou et al. 2016, but {}. "
+            "fastai's default head (concat pooling → BatchNorm → Linear → ReLU → BatchNorm → Linear) is not one. "
+            "Use method='gradcam', which works with any head; or, if the model has such a head, pass the layer right before it.")
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear) or _is_1x1(m)]
+    if not heads: raise ValueError(what.format('this model has neither an nn.Linear nor a 1×1 convolution'))
+    fc, k = heads[-1], acts.shape[1]
+    conv = isinstance(fc, nn.Conv2d)
+    n_in = fc.in_channels if conv else fc.in_features
+    if n_in != k: raise ValueError(what.format(f"its last {'1×1 convolution' if conv else 'Linear'} takes {n_in} {'channels' if conv else 'features'} while the layer has {k} channels"))
     pooled, out = acts.float().mean((2, 3)), logits.float()
-    w = fc.weight.float()
+    w = fc.weight.float().flatten(1)
     b = fc.bias.float() if fc.bias is not None else None
     tol = 5e-2 if logits.dtype in (torch.float16, torch.bfloat16) else 1e-4 # low precision (or autocast) outputs agree less closely
-    def _same(o): return torch.allclose(o, out, rtol=tol, atol=tol*(1 + out.abs().max().item()))
-    mods = list(model.modules())
-    bns = [m for m in mods[:mods.index(fc)] if isinstance(m, nn.BatchNorm1d) and m.num_features == k and m.running_var is not None]
-    if bns:
-        bn = bns[-1]
-        scale = (bn.running_var.float() + bn.eps).rsqrt()
-        if bn.weight is not None: scale = scale * bn.weight.float()
-        shift = -bn.running_mean.float()*scale + (bn.bias.float() if bn.bias is not None else 0.)
-        if _same(F.linear(pooled*scale + shift, w, b)): return w*scale
-    if _same(F.linear(pooled, w, b)): return w
-    raise ValueError(what.format("the layer's own activations, averaged and passed through the last Linear, do not give the model's outputs "
-                                 "(more layers, or an activation such as a ReLU, come between the layer and the pooling)"))
+    def _same(o): return o.shape == out.shape and torch.allclose(o, out, rtol=tol, atol=tol*(1 + out.abs().max().item()))
+    if conv: # the pooling averages the 1×1 convolution's class scores at each position (or their ReLU, as in SqueezeNet)
+        per = torch.einsum('ck,bkhw->bchw', w, acts.float()) + (b[:, None, None] if b is not None else 0.)
+        if _same(per.mean((2, 3))) or _same(per.relu().mean((2, 3))): return w
+    else:
+        mods = list(model.modules())
+        bns = [m for m in mods[:mods.index(fc)] if isinstance(m, nn.BatchNorm1d) and m.num_features == k and m.running_var is not None]
+        if bns:
+            bn = bns[-1]
+            scale = (bn.running_var.float() + bn.eps).rsqrt()
+            if bn.weight is not None: scale = scale * bn.weight.float()
+            shift = -bn.running_mean.float()*scale + (bn.bias.float() if bn.bias is not None else 0.)
+            if _same(F.linear(pooled*scale + shift, w, b)): return w*scale
+        if _same(F.linear(pooled, w, b)): return w
+    raise ValueError(what.format(f"the layer's own activations, {'passed through the last 1×1 convolution and averaged' if conv else 'averaged and passed through the last Linear'}, "
+                                 "do not give the model's outputs (more layers, or an activation such as a ReLU, come between the layer and the pooling)"))
 
 @register_method('cam')
 class CAM(LayerMethod):
@@ -165,15 +175,18 @@ class AblationCAM(LayerMethod):
 def first_component(
     a:Tensor, # Feature maps (B, K, h, w)
 )->Tensor:
-    "Projection (B, h, w) of each sample's centred feature vectors (one per position) onto their first principal component, signed to correlate positively with the mean over channels"
+    """Projection (B, h, w) of each sample's centred feature vectors (one per position) onto their first principal component v, signed to correlate
+    positively with the mean over channels (Σ_k v_k > 0); where that mean is the same at every position (after a LayerNorm over channels), so that
+    v ⟂ (1, …, 1) and the correlation is rounding noise, signed so that the projection's value of largest magnitude is positive"""
     b, k, h, w = a.shape
     m = a.flatten(2).transpose(1, 2) # (B, hw, K)
     m = m - m.mean(1, keepdim=True)
     v = torch.linalg.svd(m, full_matrices=False).Vh[:, 0] # (B, K)
     p = torch.einsum('bnk,bk->bn', m, v)
-    ref = a.mean(1).flatten(1)
-    cov = ((p - p.mean(1, keepdim=True)) * (ref - ref.mean(1, keepdim=True))).sum(1)
-    return (p * torch.where(cov < 0, -1., 1.)[:, None]).view(b, h, w)
+    cos = v.sum(1) / k**.5 # the cosine of v with the all-ones direction: the correlation of p with the mean over channels has its sign
+    peak = p.gather(1, p.abs().argmax(1, keepdim=True))[:, 0]
+    sign = torch.where(cos.abs() > 1e-5, cos, peak)
+    return (p * torch.where(sign < 0, -1., 1.)[:, None]).view(b, h, w)
 
 @register_method('eigencam', 'eigen-cam')
 class EigenCAM(LayerMethod):

@@ -133,6 +133,8 @@ def _as_targets(targets, n:int, c:int, device)->Tensor:
         raise TypeError("`targets` here are class indices; to use label names, call `learn.heatmap`, which looks them up in `learn.dls.vocab`.")
     if isinstance(targets, (bool, np.bool_)) or (isinstance(targets, (Tensor, np.ndarray)) and targets.dtype in (torch.bool, np.bool_)):
         raise TypeError(f"{what}; got a bool ({targets!r}).")
+    flat = [o for t in targets for o in (t if isinstance(t, (list, tuple)) else [t])] if isinstance(targets, (list, tuple)) else []
+    if any(isinstance(o, (bool, np.bool_)) for o in flat): raise TypeError(f"{what}; got a bool in {targets!r}.")
     if isinstance(targets, (float, np.floating)): raise TypeError(f"{what}; got the float {targets!r}.")
     try: t = torch.as_tensor(targets, device=device)
     except (ValueError, TypeError, RuntimeError) as e: raise ValueError(f"{what}; could not read {targets!r} as such ({e}). A ragged list (a different number of classes per sample) is not possible: give each sample the same number.") from None
@@ -529,6 +531,11 @@ class Explanation(NamedTuple):
     negative: Tensor|None = None # Which maps explain the negative side of a single-logit model (like `targets`)
     method: str = '' # The method's name
 
+def _check_model(model):
+    if isinstance(model, nn.Module): return
+    hint = " For a fastai `Learner`, pass `learn.model`, or call `learn.heatmap(items)`." if hasattr(model, 'model') and hasattr(model, 'dls') else ""
+    raise TypeError(f"`model` should be a PyTorch module (an `nn.Module`, such as `learn.model`); got {'None' if model is None else type(model).__name__}.{hint}")
+
 def _check_batch(xb):
     if not isinstance(xb, Tensor): raise TypeError(f"`xb` should be a batch of images, a tensor of shape (B, C, H, W); got {type(xb).__name__}.")
     if xb.ndim == 3: raise ValueError(f"`xb` has shape {tuple(xb.shape)}, one image without a batch dimension: pass `xb[None]`.")
@@ -617,6 +624,7 @@ def explain(
 )->Explanation:
     "Heatmaps of `xb` with the predictions of the same forward pass, the classes explained and the layer used"
     meth = get_method(method, **kwargs)
+    _check_model(model)
     _check_batch(xb)
     if norm not in ('image', 'batch', None): normalize_maps(xb[:0, 0], norm) # raises the error that names the choices
     smooth = _check_smooth(meth, smooth, noise)

@@ -16,7 +16,7 @@ from fastai.vision.all import (ImageDataLoaders, Normalize, imagenet_stats, visi
                                set_seed, Learner, get_image_files)
 
 # %% auto #0
-__all__ = ['make_digits', 'get_boxes', 'digits_dls', 'demo_learner']
+__all__ = ['make_digits', 'get_boxes', 'digits_dls', 'demo_seed', 'demo_learner']
 
 # %% ../nbs/01_data.ipynb #d728c973
 _version = 1 # bump when the generator changes, so that cached datasets and models are rebuilt
@@ -103,18 +103,26 @@ def digits_dls(
                                         batch_tfms=Normalize.from_stats(*imagenet_stats), **kwargs)
 
 # %% ../nbs/01_data.ipynb #0fb60b33
+def demo_seed()->int:
+    "The seed `demo_learner` trains with by default: the environment variable `FASTAI_HEATMAP_SEED` if set, else 42"
+    s = os.environ.get('FASTAI_HEATMAP_SEED', '').strip()
+    if not s: return 42
+    try: return int(s)
+    except ValueError: raise ValueError(f"FASTAI_HEATMAP_SEED should be an integer seed, such as 0; got {s!r}.") from None
+
 def demo_learner(
     path:Path|None=None, # A folder made by `make_digits` (made with its defaults when None)
     arch=resnet18, # Architecture passed to `vision_learner`
     epochs:int=10, # Epochs of `fit_one_cycle`
     lr:float=1e-2, # Maximum learning rate
-    seed:int=42, # Seed for the weights' initialization and the batches' order
+    seed:int|None=None, # Seed for the weights' initialization and the batches' order; None for `demo_seed()` (42 unless `FASTAI_HEATMAP_SEED` says otherwise)
     cache:bool=True, # Reuse weights trained earlier with the same arguments, and save the ones trained now
     retrain:bool=False, # Train even when cached weights exist (and replace them)
     **kwargs, # Passed to `vision_learner`
 )->Learner:
     "A `vision_learner` trained on the digits dataset from random weights"
     path = make_digits() if path is None else Path(path)
+    seed = demo_seed() if seed is None else seed
     set_seed(seed)
     learn = vision_learner(digits_dls(path), arch, pretrained=False, metrics=accuracy, **kwargs)
     key = _key(data=json.loads((path/'settings.json').read_text()), arch=getattr(arch, '__name__', str(arch)),

@@ -6,14 +6,19 @@ Docs: https://fastai-heatmap.github.io/fastai_heatmap/draw.html.md"""
 
 # %% ../nbs/02d_draw.ipynb #4c5d6ccc
 from __future__ import annotations
+import functools
 import numpy as np, torch
 import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.image import resample, NEAREST, BILINEAR
+from matplotlib.transforms import Affine2D
 from torch import Tensor
 from fastai.torch_core import show_image, to_np
 from fastai.vision.data import get_grid
 
 # %% auto #0
-__all__ = ['color_range', 'show_heatmap', 'heatmap_grid']
+__all__ = ['color_range', 'show_heatmap', 'heatmap_grid', 'heatmap_overlay']
 
 # %% ../nbs/02d_draw.ipynb #cf2c3cba
 def color_range(
@@ -72,3 +77,64 @@ def heatmap_grid(
     for ax, img, hm, title, reg in zip(axs, imgs, maps, titles or [None]*len(maps), regions or [None]*len(maps)):
         show_heatmap(img, hm, ax=ax, title=title, region=reg, **kwargs)
     return fig
+
+# %% ../nbs/02d_draw.ipynb #9f3b6a09
+def _pixel_for_pixel(n_out:int, n_in:int)->bool:
+    "Whether matplotlib's 'auto' interpolation draws `n_in` pixels on `n_out` without smoothing them"
+    return n_out > 3*n_in or n_out in (n_in, 2*n_in)
+
+@functools.lru_cache(maxsize=None)
+def _lut(cmap:str)->tuple:
+    "The colour map's lookup table as RGB bytes (N, 3), and N"
+    cm = matplotlib.colormaps[cmap]
+    return cm(np.arange(cm.N), bytes=True)[:, :3], cm.N
+
+def _composed(pix:np.ndarray, hm:np.ndarray, W:int, H:int, alpha:float, cmap:str, vmin, vmax)->np.ndarray|None:
+    "The RGB pixels `show_heatmap` draws on a W×H axes, composed with numpy; None where that is not exactly matplotlib's picture"
+    if pix.ndim != 3 or pix.shape[-1] != 3 or vmin != 0 or vmax != 1 or hm.ndim != 2: return None
+    if pix.dtype != np.uint8:
+        if pix.dtype.kind not in 'iu' or pix.min() < 0 or pix.max() > 255: return None
+        pix = pix.astype(np.uint8)
+    (h, w), (mh, mw) = pix.shape[:2], hm.shape
+    if not (_pixel_for_pixel(W, w) and _pixel_for_pixel(H, h)) or W < 3*mw or H < 3*mh: return None
+    hm = np.ascontiguousarray(hm, np.float32)
+    if not np.isfinite(hm).all(): return None
+    if W % w == 0 and H % h == 0: base = pix.repeat(H // h, 0).repeat(W // w, 1) # nearest at a whole scale: each pixel a block
+    else:
+        base = np.zeros((H, W, 4), np.uint8)
+        resample(np.dstack([pix, np.full((h, w), 255, np.uint8)]), base, Affine2D().scale(W/w, H/h), NEAREST, True, 1.0)
+        base = base[..., :3]
+    data = np.zeros((H, W), np.float32)
+    resample(hm, data, Affine2D().scale(W/mw, H/mh), BILINEAR, True, 1.0) # matplotlib's resampler: the same values it draws
+    lut, n = _lut(cmap)
+    if 0 <= data.min() and data.max() <= 1: # the colour map's own lookup: index ⌊x·N⌋, N − 1 for x = 1
+        idx = (data * np.float32(n)).astype(np.int32)
+        rgb = lut.take(np.minimum(idx, n - 1), axis=0)
+    else: rgb = matplotlib.colormaps[cmap](data, bytes=True)[..., :3]
+    a = int(np.array([255], np.float32)[0] * np.float32(1) * alpha) # the heatmap's alpha channel, cast as matplotlib casts it
+    if a == 255: return np.ascontiguousarray(rgb) # Agg copies opaque pixels
+    dst = base.astype(np.int32) * 255 # Agg's blend of a plain (not premultiplied) RGBA pixel over an opaque one
+    return ((((rgb.astype(np.int32) << 8) - dst) * a + (dst << 8)) // (255*256 + a)).astype(np.uint8)
+
+def heatmap_overlay(
+    img, # The image: a decoded `TensorImage` (C, H, W), a PIL image or an array
+    hm, # Its heatmap (h, w), stretched over the whole image
+    size:tuple|None=None, # The picture's (width, height) in pixels; the image's own size when None
+    alpha:float=0.6, # Opacity of the heatmap, from 0 to 1
+    cmap:str='magma', # Matplotlib colour map
+    vmin:float|None=0, vmax:float|None=1, # Colour scale of the heatmap (0 to 1 for normalized maps); the map's own range when None
+)->np.ndarray:
+    "The picture `show_heatmap` draws of `img` with `hm` over it, `size` pixels large, as an RGB uint8 array (H, W, 3): the same pixels, composed with numpy where matplotlib draws the image pixel for pixel"
+    if not 0 <= alpha <= 1: raise ValueError(f"`alpha` is the heatmap's opacity, from 0 to 1; got {alpha!r}.")
+    if cmap not in matplotlib.colormaps: raise ValueError(f"Unknown colour map {cmap!r}: use one of matplotlib's, such as 'magma', 'viridis', 'jet' or 'gray'.")
+    pix, _ = _pixels(img)
+    W, H = (pix.shape[1], pix.shape[0]) if size is None else (int(size[0]), int(size[1]))
+    hm = to_np(hm.float().cpu()) if isinstance(hm, Tensor) else np.asarray(hm)
+    out = _composed(pix, hm, W, H, alpha, cmap, vmin, vmax)
+    if out is not None: return out
+    dpi = 100
+    fig = Figure(figsize=(W/dpi, H/dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    show_heatmap(pix, hm, ax=fig.add_axes((0, 0, 1, 1)), alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()

@@ -32,48 +32,87 @@ class InputXGradient(InputGradientMethod):
     def attribute(self, ctx): return ctx.input_grads * ctx.x.float()
 
 # %% ../nbs/02b_gradients.ipynb #5c907ed6
-class _RuleReLU(torch.autograd.Function):
-    "max(x, 0), with the backward pass of `rule`"
+class _RulePiecewise(torch.autograd.Function):
+    "clamp(x, 0, hi) — ReLU (hi=None), ReLU6 (hi=6), any hardtanh(0, hi) — going back by `rule`"
     @staticmethod
-    def forward(ctx, x, rule):
-        out = x.clamp_min(0)
-        ctx.rule = rule
+    def forward(ctx, x, rule, hi):
+        out = x.clamp_min(0) if hi is None else x.clamp(0, hi)
+        ctx.rule, ctx.hi = rule, hi
         ctx.save_for_backward(out)
         return out
     @staticmethod
     def backward(ctx, g):
         out, = ctx.saved_tensors
-        if ctx.rule == 'guided': return torch.ops.aten.threshold_backward(g, out, 0).clamp_min_(0), None # g where out > 0 (as autograd's own ReLU), then max(·, 0): one new tensor
-        return g.clamp_min(0), None
+        if ctx.rule == 'deconvnet': return g.clamp_min(0), None, None
+        g = torch.ops.aten.threshold_backward(g, out, 0) # g where out > 0 (as autograd's own ReLU): one new tensor
+        if ctx.hi is not None: g = g.masked_fill_(out >= ctx.hi, 0) # and where out < hi: ReLU6's gradient passes where 0 < x < 6
+        return g.clamp_min_(0), None, None
+
+class _RuleSmooth(torch.autograd.Function):
+    "A smooth activation `f(x)` (SiLU, GELU, ...) going back by `rule`: guided, max(f'(x)·g, 0); deconvnet, max(g, 0)"
+    @staticmethod
+    def forward(ctx, x, rule, f, kwargs):
+        ctx.rule, ctx.f, ctx.kwargs = rule, f, kwargs
+        ctx.save_for_backward(x)
+        return f(x, **kwargs)
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.rule == 'deconvnet': return g.clamp_min(0), None, None, None
+        x, = ctx.saved_tensors
+        with torch.enable_grad():
+            xx = x.detach().requires_grad_()
+            local, = torch.autograd.grad(ctx.f(xx, **ctx.kwargs), xx, g) # f'(x)·g, by autograd's own rule for f
+        return local.clamp_min_(0), None, None, None
+
+def _arg(args, kwargs, i, name, default):
+    return args[i] if len(args) > i else kwargs.get(name, default)
 
 class ReLURule(TorchFunctionMode):
-    "Under it, every ReLU the forward pass calls (`nn.ReLU`, `F.relu`, `torch.relu`, `Tensor.relu`, in place or not) goes back by `rule`: 'guided' or 'deconvnet'"
+    """Under it, the forward pass's rectifying activations go back by `rule`, 'guided' or 'deconvnet' (see the table above):
+    ReLU (`nn.ReLU`, `F.relu`, `torch.relu`, `Tensor.relu`, in place or not), ReLU6 and every hardtanh clipped at 0,
+    LeakyReLU, SiLU (swish), GELU, Hardswish and Mish. Other functions (sigmoid and softmax gates, tanh) keep their gradient."""
     _relus = {F.relu, torch.relu, torch.relu_, F.relu_, Tensor.relu, Tensor.relu_}
+    _smooth = {F.silu: (), F.gelu: ('approximate',), F.hardswish: (), F.mish: (), F.leaky_relu: ('negative_slope',)}
+    covered = 'ReLU, ReLU6 and hardtanh(0, ·), LeakyReLU, SiLU, GELU, Hardswish, Mish'
     def __init__(self, rule:str='guided'):
         super().__init__()
         if rule not in ('guided', 'deconvnet'): raise ValueError(f"Unknown rule {rule!r}: use 'guided' or 'deconvnet'.")
         self.rule, self.count = rule, 0
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func in self._relus:
             self.count += 1
-            return _RuleReLU.apply(args[0], self.rule) # out of place: the caller uses the result
-        return func(*args, **(kwargs or {}))
+            return _RulePiecewise.apply(args[0], self.rule, None) # out of place: the caller uses the result
+        if func is F.relu6:
+            self.count += 1
+            return _RulePiecewise.apply(args[0], self.rule, 6.)
+        if func in (F.hardtanh, F.hardtanh_) and _arg(args, kwargs, 1, 'min_val', -1.) == 0: # nn.ReLU6 calls hardtanh(x, 0, 6)
+            self.count += 1
+            return _RulePiecewise.apply(args[0], self.rule, float(_arg(args, kwargs, 2, 'max_val', 1.)))
+        if func in self._smooth:
+            self.count += 1
+            names = self._smooth[func]
+            kw = {n: v for n, v in zip(names, args[1:])} | {k: v for k, v in kwargs.items() if k in names} # not `inplace`
+            return _RuleSmooth.apply(args[0], self.rule, func, kw)
+        return func(*args, **kwargs)
     def __exit__(self, *args):
         super().__exit__(*args)
         if self.count == 0 and args[0] is None:
-            warnings.warn("The model ran no ReLU, so the modified backward rule changed nothing: this map is plain saliency.")
+            raise ValueError(f"The model ran no activation that the {self.rule} rule changes ({self.covered}), so its map would be plain "
+                             "saliency. Use method='saliency' for that, or a model with one of those activations.")
 
 @register_method('guided', 'guided_backprop', 'guidedbackpropagation')
 class GuidedBackprop(InputGradientMethod):
     """Guided backpropagation, Springenberg et al. 2015, 'Striving for Simplicity: The All Convolutional Net':
-    ∂y_c/∂x with each ReLU going back as max(g, 0)·[x > 0]"""
+    ∂y_c/∂x with each ReLU going back as max(g, 0)·[x > 0]; ReLU6 as max(g, 0)·[0 < x < 6]; SiLU, GELU and other smooth
+    rectifiers as max(f'(x)·g, 0) (`ReLURule`)"""
     paper, cost = 'Springenberg et al. 2015', '1 forward + backward to the input'
     def backward_rule(self): return ReLURule('guided')
 
 @register_method('rectified', 'deconvnet', 'deconvolution')
 class Rectified(InputGradientMethod):
     """The deconvnet rule, Zeiler & Fergus 2014, 'Visualizing and Understanding Convolutional Networks' (keras-vis's `relu` modifier):
-    ∂y_c/∂x with each ReLU going back as max(g, 0)"""
+    ∂y_c/∂x with each rectifying activation (ReLU, ReLU6, SiLU, GELU, ...: `ReLURule`) going back as max(g, 0)"""
     paper, cost = 'Zeiler & Fergus 2014', '1 forward + backward to the input'
     def backward_rule(self): return ReLURule('deconvnet')
 

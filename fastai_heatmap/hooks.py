@@ -13,25 +13,43 @@ from torch import nn, Tensor
 __all__ = ['ActivationHook']
 
 # %% ../nbs/00_hooks.ipynb #2bf2b295
+def _seen_before(m:nn.Module)->bool:
+    "Whether a forward hook sees `m`'s output before a hook of `m`'s own can replace it: a global forward hook, or a hook on a module inside `m`"
+    return bool(nn.modules.module._global_forward_hooks) or any(len(c._forward_hooks) for c in m.modules() if c is not m)
+
+def _leaf_copy(a):
+    "A copy of `a` on which recording starts (a copy: an in-place op of the module on its input must not hit a leaf)"
+    return a.detach().requires_grad_().clone() if isinstance(a, Tensor) and a.is_floating_point() else a
+
 class ActivationHook:
     """Context manager that stores `m`'s forward output in `stored`; with `grad=True`, `gradient` differentiates scores with respect to it.
-    With `grad=True` the graph starts at the layer: modules before it get no gradient (by design: the backward pass is only as long as what follows the layer)."""
+    With `grad=True` the graph starts at the layer: modules before it get no gradient (by design: the backward pass is only as long as what follows the layer).
+    Its hooks run before any other hook of `m`, so every hook and module after `m` reads a tensor of the graph; when a global forward hook or a hook inside `m`
+    could see the output first, recording starts at `m`'s input instead (`from_input`), and the backward pass still stops at `m`'s output."""
     def __init__(self,
         m:nn.Module, # Module whose forward output is captured
         grad:bool=False, # Record the rest of the forward pass from `m`'s output, so that `gradient` can be called
     ):
-        self.m,self.grad,self.stored,self.n_calls,self.removed = m,grad,None,0,False
+        self.m,self.grad,self.stored,self.n_calls,self.removed,self.from_input = m,grad,None,0,False,False
         self.grad_mode = torch.is_grad_enabled() # given back on `remove`: the hook switches recording on inside the forward
-        self.handle = m.register_forward_hook(self.hook_fn)
+        self.handle = m.register_forward_hook(self.hook_fn, prepend=True) # first among `m`'s hooks: the others see what it hands on
+        self.pre = m.register_forward_pre_hook(self.pre_fn, prepend=True, with_kwargs=True) if grad else None
+
+    def pre_fn(self, m, args, kwargs):
+        "With `grad=True`, when another forward hook sees `m`'s output before ours (`_seen_before`): start recording at `m`'s input, so that what it keeps is in the graph"
+        self.from_input = _seen_before(m)
+        if not self.from_input: return None
+        torch.set_grad_enabled(True)
+        return tuple(map(_leaf_copy, args)), {k: _leaf_copy(v) for k, v in kwargs.items()}
 
     def hook_fn(self, m, i, o):
-        "Store the output and hand the rest of the model a copy, so that later in-place ops change the copy, never `stored`"
+        "Store the output and hand the rest of the model (and `m`'s other hooks) a copy, so that later in-place ops change the copy, never `stored`"
         self.n_calls += 1
         if not isinstance(o, Tensor): self.stored = o; return None
         if not self.grad:
             self.stored = o.detach()
             return o.clone()
-        self.stored = o.detach().requires_grad_()
+        self.stored = o if self.from_input and o.requires_grad else o.detach().requires_grad_()
         torch.set_grad_enabled(True) # recording starts here, also inside the caller's `torch.no_grad()`
         return self.stored.clone()
 
@@ -46,10 +64,13 @@ class ActivationHook:
         return torch.autograd.grad(scores.sum(), self.stored, retain_graph=retain_graph)[0]
 
     def remove(self):
-        "Remove the hook from the module and give back the grad mode of when it was created (safe to call twice)"
+        "Remove the hooks from the module and give back the grad mode of when it was created (safe to call twice)"
         if self.removed: return
-        self.handle.remove(); self.removed = True
+        self.handle.remove()
+        if self.pre is not None: self.pre.remove()
+        self.removed = True
         torch.set_grad_enabled(self.grad_mode)
 
     def __enter__(self, *args): return self
     def __exit__(self, *args): self.remove()
+

@@ -6,7 +6,7 @@ Docs: https://fastai-heatmap.github.io/fastai_heatmap/inside.html.md"""
 
 # %% ../nbs/03a_inside.ipynb #dae29bdf
 from __future__ import annotations
-import textwrap
+import textwrap, warnings
 from pathlib import Path
 import numpy as np, torch
 import torch.nn.functional as F
@@ -23,7 +23,8 @@ from .draw import *
 from .learner import *
 
 # %% auto #0
-__all__ = ['conv_kernels', 'show_conv', 'conv_layers', 'filter_tiles', 'total_variation', 'optimize_input']
+__all__ = ['conv_kernels', 'show_conv', 'conv_layers', 'filter_tiles', 'total_variation', 'most_active_channels',
+           'optimize_input']
 
 # %% ../nbs/03a_inside.ipynb #9704fc4b
 def _k(rows): return torch.tensor(rows, dtype=torch.float32)
@@ -230,6 +231,24 @@ def _objective(model, x, targets, hook, name):
     if (targets >= a.shape[1]).any(): raise ValueError(f"`channel` {targets.max().item()} is not a channel of layer {name!r}, which has {a.shape[1]}: pass ints from 0 to {a.shape[1]-1}.")
     return a.gather(1, targets[:, None])[:, 0], out
 
+def most_active_channels(
+    model:nn.Module, # A model
+    xb:Tensor, # A batch, normalized as the model takes it
+    layer=None, # Module or dotted name of the layer; None for `default_layer`
+    k:int=5, # How many channels
+)->tuple:
+    "The `k` channels of `layer` with the largest mean activation over `xb` (over images and positions), and those means"
+    model = unwrap_model(model)
+    p = next(model.parameters(), xb)
+    xb = xb.detach().as_subclass(Tensor).to(p.device, p.dtype)
+    m, name = resolve_layer(model, layer, xb, min_size=4)
+    with eval_mode(model), Hooks([m], _copy) as hs, torch.no_grad(): model(xb)
+    a = hs.stored[0].float()
+    if a.ndim < 2: raise ValueError(f"Layer {name!r} outputs shape {tuple(a.shape)}, with no channels.")
+    mean = (a.flatten(2).mean(-1) if a.ndim > 2 else a).mean(0)
+    v, i = mean.topk(min(k, len(mean)))
+    return i.cpu(), v.cpu()
+
 def optimize_input(
     model:nn.Module, # A classifier: images (B, C, H, W) → scores (B, n_classes)
     x0:Tensor, # The starting images (B, C, H, W), normalized as the model takes them
@@ -269,15 +288,29 @@ def optimize_input(
                 start, _ = _objective(model, x0.to(p.dtype), t, hook, name)
             x = clamp(x0.clone()).requires_grad_()
             opt = torch.optim.Adam([x], lr=lr)
-            for dy, dx in shifts:
+            for step, (dy, dx) in enumerate(shifts):
                 s, _ = _objective(model, torch.roll(x, (dy, dx), (2, 3)).to(p.dtype), t, hook, name)
+                if step == 0: alive = torch.autograd.grad(s.sum(), x, retain_graph=True)[0].flatten(1).abs().amax(1) > 0
                 x.grad, = torch.autograd.grad((tv_weight * total_variation(x) - s).sum(), x)
                 opt.step()
                 with torch.no_grad(): x.copy_(clamp(x))
             with torch.no_grad(): final, _ = _objective(model, x.to(p.dtype), t, hook, name)
         finally:
             if hook is not None: hook.remove()
+    if not alive.all(): _warn_dead(model, x0, layer, name, t, start, ~alive, hook is not None)
     return x.detach(), start.cpu(), final.cpu()
+
+def _warn_dead(model, x0, layer, name, t, start, dead, channels):
+    "Say which objectives had no gradient at the start (a channel that never activates there), and offer the most active channels"
+    i = torch.where(dead)[0].tolist()
+    what = (f"channel{'s' if len(i) > 1 else ''} {', '.join(str(t[j].item()) for j in i)} of layer {name!r}" if channels
+            else f"class{'es' if len(i) > 1 else ''} {', '.join(str(t[j].item()) for j in i)}")
+    msg = (f"The score of {what} has no gradient at the starting image{'s' if len(i) > 1 else ''} ({'mean activation' if channels else 'logit'} {', '.join(f'{start[j].item():.3g}' for j in i)}): "
+           "it never activates there, so the optimization cannot raise it and the image only changes by the smoothing.")
+    if channels:
+        top, v = most_active_channels(model, x0, layer)
+        msg += f" The most active channels of layer {name!r} on these images are {top.tolist()} (mean activations {', '.join(f'{o:.3g}' for o in v.tolist())}): pass one of them as `channel`."
+    warnings.warn(msg)
 
 # %% ../nbs/03a_inside.ipynb #dc28b966
 def _pixel_range(learn:Learner, c:int)->tuple:

@@ -43,7 +43,7 @@ def _target_fn(interp, target):
         if target == 'pred': return every, (lambda p, y: (probs_of(learn, p, interp.act) > thresh_of(learn)) | (p.shape[1] == 1))
         return every, (lambda p, y: (y > 0.5) | (p.shape[1] == 1))
     vocab = vocab_of(learn) or []
-    if isinstance(target, str) and target not in vocab: raise ValueError(f"Unknown target {target!r}: use {_targets_doc} ({vocab}).")
+    if isinstance(target, str) and target not in [str(v) for v in vocab]: raise ValueError(f"Unknown target {target!r}: use {_targets_doc} ({vocab}).")
     if isinstance(target, (str, int, np.integer)) and not isinstance(target, bool):
         t = label_targets(learn, target, 1)[0].item()
         return (lambda p, y: torch.full((len(p),), t, device=p.device)), None
@@ -71,7 +71,10 @@ class HeatmapInterpretation(ClassificationInterpretation):
                                  "Pass the items to interpret, with their labels: HeatmapInterpretation.from_learner(learn, dl=learn.dls.test_dl(files, with_labels=True)).")
         elif len(dl.dataset) == 0: raise ValueError("The DataLoader passed as `dl` has no items.")
         if dl is None: dl = learn.dls[ds_idx].new(shuffle=False, drop_last=False)
-        losses = gather_preds(learn, dl, with_loss=True, with_decoded=False, with_preds=False, with_targs=False, act=act)[-1]
+        try: losses = gather_preds(learn, dl, with_loss=True, with_decoded=False, with_preds=False, with_targs=False, act=act)[-1]
+        except OSError as e:
+            if unreadable(list(getattr(dl, 'items', []))): raise unreadable_error(list(dl.items), e) from None # name the files
+            raise
         return cls(learn, dl, losses, act)
 
     def items(self, idxs):
@@ -159,17 +162,19 @@ def plot_top_losses(self:HeatmapInterpretation,
         if multi:
             j = e.targets[i].item()
             p, a = probs[i, j].item(), int(y[j] > 0.5)
-            titles.append(f"{label_of(learn, j)}: {int(p > thresh_of(learn))}/{a} / {l:.2f} / {p if a else 1-p:.2f}")
+            titles.append(f"{label_of(learn, j)}: {int(p > thresh_of(learn))}/{a} / {l:.2f} / {p if a else 1-p:.2f}" + no_evidence(e.maps[i], label_of(learn, j)))
             maps.append(e.maps[i]); pics.append(imgs[i])
             continue
         pred, actual = probs[i].argmax().item(), int(y)
         head = f"{label_of(learn, pred)}/{label_of(learn, actual)} / {l:.2f} / {probs[i, actual].item():.2f}"
         if e.maps.ndim == 4: # 'both': where it looked for the predicted class, then for the actual one
             maps += [e.maps[i, 0], e.maps[i, 1]]; pics += [imgs[i], imgs[i]]
-            titles += [f"{head}\nmap for {label_of(learn, pred)}", f"map for {label_of(learn, actual)}"]
+            titles += [f"{head}\nmap for {label_of(learn, pred)}" + no_evidence(e.maps[i, 0], label_of(learn, pred)),
+                       f"map for {label_of(learn, actual)}" + no_evidence(e.maps[i, 1], label_of(learn, actual))]
         else:
             maps.append(e.maps[i]); pics.append(imgs[i])
-            titles.append(head + ("" if e.targets[i].item() == pred else f"\nmap for {label_of(learn, e.targets[i].item())}"))
+            t = e.targets[i].item()
+            titles.append(head + ("" if t == pred else f"\nmap for {label_of(learn, t)}") + no_evidence(e.maps[i], label_of(learn, t)))
     if e.maps.ndim == 4 and not multi and ncols is None and nrows is None:
         pairs = int(np.ceil(np.sqrt(len(idx))))
         ncols, nrows = 2*pairs, int(np.ceil(len(idx)/pairs))

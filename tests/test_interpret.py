@@ -80,7 +80,7 @@ def test_plot_top_losses_both_and_options(demo, interp, confused):
         left, right = cells[2*j], cells[2*j+1]
         pred, actual = [o.strip() for o in left.get_title().split('\n')[0].split('/')[:2]]
         assert pred != actual
-        assert left.get_title().endswith(f'map for {pred}') and right.get_title() == f'map for {actual}'
+        assert left.get_title().split('\n')[1] == f'map for {pred}' and right.get_title().split('\n')[0] == f'map for {actual}'  # then 'no positive evidence for …' when the map is blank
         maps = confused.heatmaps([idx[j].item()], target='both', layer='0.6')[0]
         np.testing.assert_allclose(left.get_images()[1].get_array().data, maps[0].cpu().numpy(), atol=1e-6)
         np.testing.assert_allclose(right.get_images()[1].get_array().data, maps[1].cpu().numpy(), atol=1e-6)

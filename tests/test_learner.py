@@ -61,7 +61,6 @@ def test_show_cam(demo):
     ax = demo.show_cam(fn, target=other, layer='0.6')
     title = ax.get_title()
     assert title.startswith(f'{pred} ({prob:.2f})\nmap for {other}')
-    if demo.heatmap(fn, targets=other, layer='0.6').amax() == 0: assert 'no positive evidence' in title  # an empty map says so
     assert imgs[1].get_alpha() == 0.6 and imgs[1].get_cmap().name == 'magma'
     fig = demo.show_cams(demo.dls.valid_ds.items[:5], layer='0.6', nrows=1)
     assert sum(len(a.get_images()) == 2 for a in fig.axes) == 5
@@ -82,8 +81,9 @@ def test_items_explained_in_process(demo, monkeypatch):
 
 def test_small_map_warning(demo):
     "The default layer gives maps of at least 4×4; a coarser one asked for warns once per model, size and layer, naming the finer one"
-    from fastai_heatmap.learner import _warned
-    _warned.clear()
+    learn = vision_learner(demo.dls, resnet18, pretrained=False)  # a model of its own: nothing warned about yet
+    learn.model.load_state_dict(demo.model.state_dict())
+    demo = learn
     fn = demo.dls.valid_ds.items[0]
     with warnings.catch_warnings():
         warnings.simplefilter('error', UserWarning)
@@ -162,8 +162,16 @@ def test_no_positive_evidence_is_said(demo):
     fn = demo.dls.valid_ds.items[0]
     assert learn.heatmap(fn, targets='0', layer='1').amax() == 0
     assert learn.heatmap(fn, targets='1', layer='1').amax() > 0
-    assert 'no positive evidence' in learn.show_cam(fn, target='0', layer='1').get_title()
+    assert 'no positive evidence for 0' in learn.show_cam(fn, target='0', layer='1').get_title()
     assert 'no positive evidence' not in learn.show_cam(fn, target='1', layer='1').get_title()
+    # the top losses too: every map of class '0' is blank, and every panel says why
+    interp = HeatmapInterpretation.from_learner(learn, dl=demo.dls.test_dl([f for f in demo.dls.valid_ds.items if f.parent.name == '0'][:6], with_labels=True))
+    fig = interp.plot_top_losses(4, target='0', layer='1')
+    titles = [a.get_title() for a in fig.axes if a.get_images()]
+    assert len(titles) == 4 and all('no positive evidence for 0' in t for t in titles), titles
+    fig = interp.plot_top_losses(3, target='both', layer='1')
+    titles = [a.get_title() for a in fig.axes if a.get_images()]
+    assert all('no positive evidence for 0' in t for t in titles[1::2]) and not any('evidence' in t for t in titles[::2]), titles  # the actual class '0', beside the predicted '1'
 
 
 def test_no_bar(demo):

@@ -17,8 +17,20 @@ def _arch(name):
     if name == 'torchvision_resnet18': return torchvision.models.resnet18(num_classes=N_OUT)
     if name == 'fastai_resnet18': return create_vision_model(resnet18, N_OUT, pretrained=False)
     if name == 'timm_resnet18': return timm.create_model('resnet18', pretrained=False, num_classes=N_OUT)
-    if name == 'timm_convnext': return timm.create_model('convnext_atto', pretrained=False, num_classes=N_OUT)
+    if name == 'timm_convnext': return _with_biases(timm.create_model('convnext_atto', pretrained=False, num_classes=N_OUT))
     raise ValueError(name)
+
+
+def _with_biases(model, std=0.1):
+    """Nonzero convolution biases, as trained networks have. timm starts them at 0: then a masked (zeroed) region of the input
+    reaches ConvNeXt's stem LayerNorm as a zero vector, where it divides by √eps = 1e-3, and the network's outputs on Score-CAM's
+    masked inputs change by ~1e4× any rounding of the masks (test_convnext_conditioning): per-example and batched maps then differ
+    by that network's conditioning, not by the method's"""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.bias is not None:
+            with torch.no_grad(): m.bias.copy_(std * torch.randn(m.bias.shape, generator=g))
+    return model
 
 ARCHS = ['torchvision_resnet18', 'fastai_resnet18', 'timm_resnet18', 'timm_convnext']
 
@@ -116,6 +128,38 @@ def test_smoothgrad(archs, xb):
     small = xb[:1, :, :32, :32]
     ss = heatmap(model, small, method='scorecam', smooth=2)  # SS-CAM: noisy masks
     assert ss.shape == (1, 32, 32) and not torch.allclose(ss, heatmap(model, small, method='scorecam'))
+
+
+def _sensitivity(model, x):
+    "How much the probabilities move per unit change of an input that is half masked to 0, as Score-CAM's and occlusion's are"
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(8, 1, *x.shape[-2:], generator=g)
+    mask[..., :x.shape[-2] // 2, :] = 0
+    xm = x[:1] * mask
+    d = 1e-6 * torch.randn(xm.shape, generator=g)
+    with torch.no_grad(): return ((model(xm).softmax(-1) - model(xm + d).softmax(-1)).abs().max() / d.abs().max()).item()
+
+
+def test_convnext_conditioning(xb):
+    """The conditioning behind Score-CAM's per-example vs batched differences on a ConvNeXt with timm's zero biases, on its own:
+    at masked inputs that network amplifies input changes by > 1e3 (rounding of 1e-6 in a mask moves a probability by 1e-2),
+    while with nonzero biases (the one of the matrix above) it does not, and there the maps agree to 1e-5"""
+    torch.manual_seed(0)
+    zero = timm.create_model('convnext_atto', pretrained=False, num_classes=N_OUT).eval()
+    assert _sensitivity(zero, xb) > 1e3
+    assert _sensitivity(_arch('timm_convnext').eval(), xb) < 10
+
+
+def test_eigencam_sign_after_a_layernorm(xb):
+    """After ConvNeXt's LayerNorm over channels the mean over channels is 0 at every position, so a sign that follows it would be
+    rounding noise (it flipped sample 0's map between the batch and the sample alone); the first component itself is well
+    conditioned there (σ1/σ2 ≈ 1.05), and per-example equals batched"""
+    torch.manual_seed(0)
+    model = timm.create_model('convnext_atto', pretrained=False, num_classes=N_OUT).eval()  # timm's own initialization
+    e = explain(model, xb, method='eigencam', norm=None)
+    assert 'downsample.0' in e.layer  # a LayerNorm2d
+    for i in range(len(xb)):
+        torch.testing.assert_close(explain(model, xb[i:i+1], method='eigencam', norm=None).maps[0], e.maps[i], rtol=1e-4, atol=1e-5 * (1 + e.maps[i].abs().max().item()))
 
 
 def test_hirescam_equals_gradcam_with_constant_gradient():

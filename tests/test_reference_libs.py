@@ -158,3 +158,30 @@ def test_references_leave_shared_model_clean(model):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
     assert not any(m.training for m in model.modules())
+
+
+def _conv_head_models():
+    "A SqueezeNet (its head: dropout → 1×1 convolution → ReLU → global average pooling) and a head users write: 1×1 convolution → pooling → flatten"
+    torch.manual_seed(0)
+    sq = tvm.squeezenet1_1(weights=None, num_classes=10).eval()
+    body = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=2, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU())
+    own = torch.nn.Sequential(body, torch.nn.Conv2d(32, 10, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    return [(sq, 'features', 'classifier.1'), (own, '0', '1')]
+
+@pytest.mark.parametrize('i', [0, 1], ids=['squeezenet', '1x1-conv-head'])
+def test_cam_on_1x1_conv_head_matches_torchcam(xb, i):
+    "CAM on a head of a 1×1 convolution and global pooling: the convolution's weights are the class weights, as torch-cam reads them"
+    methods = pytest.importorskip('torchcam.methods')
+    model, layer, fc = _conv_head_models()[i]
+    with torch.no_grad(): tg = model(xb).argsort(1, descending=True)[:, :2]  # the two best-scoring classes of each sample
+    ours = heatmap(model, xb, targets=tg, method='cam', layer=layer, upsample=False, norm=None, relu=False)
+    for j in range(tg.shape[1]):
+        with methods.CAM(model, layer, fc) as extractor:
+            with torch.no_grad(): model(xb)
+            ref = extractor(tg[:, j].tolist(), normalized=False)[0]
+        assert (ref.flatten(1).std(1) > 0).all()  # maps that vary: not a vacuous comparison
+        _assert_close_rel(ours[:, j], ref)
+    # and it is the map whose mean gives the score: Grad-CAM ∝ CAM where no ReLU follows the 1×1 convolution
+    if i == 1:
+        g = heatmap(model, xb, targets=tg[:, 0], layer=layer, upsample=False, norm=None, relu=False)
+        _assert_close_rel(g * ours.shape[-1] * ours.shape[-2], ours[:, 0])

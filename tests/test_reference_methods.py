@@ -163,3 +163,14 @@ def test_occlusion_matches_captum(setup):
     ref = attr.Occlusion(probs).attribute(x, sliding_window_shapes=(3, 2*s, 2*s), strides=(3, s, s), target=torch.tensor(tg), perturbations_per_eval=64)
     ours = heatmap(m, x, targets=tg, method='occlusion', window=2*s, stride=s, norm=None, relu=False)
     for c in range(3): _close(ours, ref[:, c])  # captum repeats the map over the channels the window covers
+
+
+def test_guided_matches_pytorch_grad_cam(setup):
+    "Guided backpropagation equals pytorch-grad-cam's GuidedBackpropReLUModel (which swaps nn.ReLU modules) on a ReLU network"
+    import copy
+    pgc = pytest.importorskip('pytorch_grad_cam')
+    arch, m, x, tg = setup
+    ours = _ours(m, x, tg, 'guided')
+    theirs = pgc.GuidedBackpropReLUModel(copy.deepcopy(m), device='cpu') # it swaps the model's modules: give it a copy
+    ref = torch.stack([torch.from_numpy(theirs(x[i:i+1].clone(), target_category=c)).permute(2, 0, 1) for i, c in enumerate(tg)])
+    _close(ours, ref)
