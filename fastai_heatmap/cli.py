@@ -9,14 +9,14 @@ from __future__ import annotations
 import warnings
 
 # %% auto #0
-__all__ = ['image_files', 'heatmap_picture', 'write_png', 'save_heatmap', 'explain_files', 'classes_files', 'layer_table', 'demo',
-           'cli_message', 'UsageError', 'main']
+__all__ = ['image_files', 'heatmap_picture', 'write_png', 'save_heatmap', 'explain_files', 'classes_files', 'report_files',
+           'layer_table', 'demo', 'cli_message', 'UsageError', 'main']
 
 # %% ../nbs/05_cli.ipynb #364ed941
 warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning) # torch's notice about fastai's own code, printed when fastai is imported: on every run of the command
 
 # %% ../nbs/05_cli.ipynb #2c919308
-import argparse, contextlib, os, re, sys, time
+import argparse, contextlib, json, os, re, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from PIL import Image
@@ -37,6 +37,7 @@ from .data import make_digits, demo_learner, get_boxes
 from .metrics import pointing_game
 from .learner import *
 from .interpret import HeatmapInterpretation
+from .report import model_report
 from .distributed import processes, process_group, shard, gather_objects, barrier, LaunchError
 
 # %% ../nbs/05_cli.ipynb #69fd9066
@@ -59,6 +60,14 @@ def _open(learn, f):
     "The image in file `f` as the learner makes its inputs, and None; or None and why it cannot be read"
     try: return image_type(learn).create(load_item(f, learn)), None
     except Exception as e: return None, (str(e) if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: {e}")
+
+def _readable(learn, files:list)->tuple:
+    "The files that can be read as images, and (file, why) for each one that cannot; processes launched together each read their share"
+    failed = sum(gather_objects([(str(f), why) for f in shard(files) if (why := _open(learn, f)[1]) is not None]), [])
+    bad = {f for f, _ in failed}
+    good = [f for f in files if str(f) not in bad]
+    if not good: raise ValueError("None of the images could be read.")
+    return good, failed
 
 def _rows(learn, files, e, probs):
     "The predictions.csv rows of `files`, explained by `e`"
@@ -234,10 +243,7 @@ def classes_files(
     unknown = sorted({parent_label(f) for f in files} - set(vocab))
     if unknown: raise ValueError(f"The images' folders are named after their classes, but {', '.join(map(repr, unknown))} "
                                  f"{'is not a class' if len(unknown) == 1 else 'are not classes'} of this model ({', '.join(vocab)}).")
-    failed = sum(gather_objects([(str(f), why) for f in shard(files) if (why := _open(learn, f)[1]) is not None]), []) # each process reads its share
-    bad = {f for f, _ in failed}
-    good = [f for f in files if str(f) not in bad]
-    if not good: raise ValueError("None of the images could be read.")
+    good, failed = _readable(learn, files)
     dl = learn.dls.test_dl(good, with_labels=True, bs=bs)
     ch = HeatmapInterpretation.from_learner(learn, dl=dl).class_heatmaps(method=method, target=target, layer=layer, border=border)
     table = pd.DataFrame({'class': ch.labels, 'n': ch.counts.tolist(), 'border_share': ch.border_mass.double().round(decimals=4).tolist(),
@@ -249,6 +255,29 @@ def classes_files(
         plt.close(fig)
     barrier() # no process returns before the files are written
     return ch, table, failed
+
+# %% ../nbs/05_cli.ipynb #021e4c03
+def report_files(
+    learn, # A single-label vision classifier (for example from `load_learner`)
+    files:list, # Image files: each in a folder named after its class, or unlabelled
+    out:str|Path, # Folder for report.html and report.json
+    labelled:bool|None=None, # Whether the files' folders are their labels; None: when every file's folder is named after a class
+    compare=None, # A second learner, run on the same images
+    names:tuple|None=None, # Names of the models on the page
+    bs:int=64, # Images per batch
+    **kwargs, # Passed to `model_report`
+)->tuple:
+    "The audit report of `learn` on image files, written as report.html and report.json to `out`; returns (the `Report`, the files that failed with why)"
+    out, files = Path(out), sorted(files)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = {str(v) for v in (vocab_of(learn) or [])}
+    if labelled is None: labelled = bool(files) and all(parent_label(f) in vocab for f in files)
+    good, failed = _readable(learn, files)
+    dl = learn.dls.test_dl(good, with_labels=labelled, bs=bs)
+    rep = model_report(learn, dl, out/'report.html', compare=compare, names=names, **kwargs)
+    if processes().main: (out/'report.json').write_text(json.dumps(rep.numbers(), indent=1, default=str))
+    barrier()
+    return rep, failed
 
 # %% ../nbs/05_cli.ipynb #7e6d5c4b
 def layer_table(
@@ -368,6 +397,7 @@ def _parser():
     c.add_argument('--target', default='actual', choices=['actual', 'pred'], help="Group the images by their 'actual' class (their folder; default) or the 'pred'icted one")
     _common(c)
     c.add_argument('--border', type=float, default=0.125, help="Width of the border band, as a fraction of each side (default: 0.125)")
+    _add_report(sub)
     l = sub.add_parser('layers', help="List the layers of an exported learner that --layer can explain",
                        description="Lists the layers whose output is a spatial map, with their sizes for the learner's image size, and marks the default.")
     l.add_argument('model', help="A learner saved with learn.export() (.pkl)")
@@ -483,11 +513,57 @@ def main(argv:list|None=None):
             return 0
         if args.command == 'explain': return _explain_cmd(args)
         if args.command == 'classes': return _classes_cmd(args)
+        if args.command == 'report': return _report_cmd(args)
         if args.command == 'layers': return _layers_cmd(args)
     except (UsageError, LaunchError) as e:
         if isinstance(e, LaunchError) or os.environ.get('RANK', '0') == '0': # bad usage is the same in every process: said once
             print(f"fastai-heatmap: error: {e}", file=sys.stderr)
         return 2
+
+# %% ../nbs/05_cli.ipynb #4d5ee356
+def _add_report(sub):
+    "The `report` command's arguments"
+    r = sub.add_parser('report', help="One HTML page auditing a model on a folder of images: accuracy, where it looks per class (the shortcut finder), confusions, top losses, faithfulness, sanity check",
+                       description="Loads a learner saved with learn.export() and writes report.html (one self-contained page, readable offline) and report.json (its numbers) to --out: "
+                                   "what was run; accuracy and the confusion matrix; each class's mean map and border share, with the classes that look like shortcuts flagged; "
+                                   "the most confused pairs and the top losses with their maps; deletion and insertion AUC of a few methods on a sample against a random map; "
+                                   "the sanity check's verdict. FOLDER's subfolders named after the classes give the labels; an unlabelled folder gives the sections that need none. "
+                                   "Unreadable files are reported and left out; the exit status is 1 if any file failed, 2 on bad usage. " + _launch)
+    r.add_argument('model', help="A learner saved with learn.export() (.pkl)")
+    r.add_argument('folder', help="A folder of images (in subfolders named after their classes, for the sections that need labels)")
+    r.add_argument('--out', required=True, help="Folder for report.html and report.json")
+    r.add_argument('--compare', default=None, metavar='OTHER.pkl', help="A second exported learner with the same classes: where each looks, the images whose maps moved most, the accuracy of each")
+    r.add_argument('--k', type=int, default=16, help="Top losses shown (default: 16)")
+    _common(r)
+    r.add_argument('--faith-n', type=int, default=16, help="Images of the faithfulness sample (default: 16; 0 for none)")
+    r.add_argument('--border', type=float, default=0.125, help="Width of the border band, as a fraction of each side (default: 0.125)")
+
+def _report_cmd(args):
+    _check_common(args)
+    if args.k < 1: raise UsageError(f"--k is the number of top losses shown, 1 or more; got {args.k}.")
+    if args.faith_n < 0: raise UsageError(f"--faith-n is a number of images, 0 or more; got {args.faith_n}.")
+    if not 0 < args.border < 0.5: raise UsageError(f"--border is the width of the border band as a fraction of each side, between 0 and 0.5; got {args.border}.")
+    folder = Path(args.folder)
+    if not folder.is_dir(): raise UsageError(f"No such folder: '{folder}'.")
+    files = image_files([folder])
+    if not files: raise UsageError(f"No image files found in {folder}.")
+    if args.compare is not None and not Path(args.compare).is_file(): raise UsageError(f"No such model file: '{args.compare}' (--compare). Save one with learn.export().")
+    with process_group() as ps:
+        learn = _load(args.model, ps.device)
+        other = _load(args.compare, ps.device) if args.compare else None
+        bar = ps.main and sys.stderr.isatty()
+        try:
+            with _bars(), (contextlib.nullcontext() if bar else learn.no_bar()):
+                rep, failed = report_files(learn, files, args.out, compare=other, names=(Path(args.model).name,) + ((Path(args.compare).name,) if other is not None else ()),
+                                           bs=args.bs, k=args.k, method=args.method, layer=args.layer, faith_n=args.faith_n, border=args.border,
+                                           alpha=args.alpha, cmap=args.cmap, bar=bar)
+        except (ValueError, TypeError, IndexError) as e: raise UsageError(cli_message(str(e))) from None
+        if ps.main:
+            for f, why in failed: print(f"skipped {f}: {why}", file=sys.stderr)
+            acc = '' if rep.accuracy is None else f"accuracy {rep.accuracy:.1%}, "
+            print(f"Report on {rep.run['images']} images ({acc}flagged: {', '.join(map(str, rep.flagged)) or 'none'}; sanity check {rep.verdict.split(':')[0]}) "
+                  f"written to {Path(args.out)/'report.html'} and report.json{_by(ps)}" + (f"; {len(failed)} file(s) failed" if failed else ""))
+    return 1 if failed else 0
 
 # %% ../nbs/05_cli.ipynb #84682836
 if __name__ == '__main__': sys.exit(main()) # python -m fastai_heatmap.cli, as torchrun and accelerate launch run it
