@@ -207,32 +207,28 @@ class _Rescale(torch.autograd.Function):
         ctx.save_for_backward(x)
         return fn(x)
     @staticmethod
-    def backward(ctx, g):
+    def rerun(ctx):
+        "The saved input, a leaf copy of it and `fn` of that copy, with its graph"
         x, = ctx.saved_tensors
         with torch.enable_grad():
             xx = x.detach().requires_grad_()
-            y = ctx.fn(xx)
-            plain = torch.autograd.grad(y, xx, g)[0]
+            return x, xx, ctx.fn(xx)
+    @staticmethod
+    def backward(ctx, g):
+        x, xx, y = _Rescale.rerun(ctx)
+        plain = torch.autograd.grad(y, xx, g)[0]
         dx, dy = (torch.cat(2 * [a - b]) for a, b in (x.chunk(2), y.detach().chunk(2)))
         return torch.where(dx.abs() < ctx.eps, plain, g * dy / dx), None, None
 
-class _RescaleMax(torch.autograd.Function):
+class _RescaleMax(_Rescale):
     "y = maxpool(x) on [x; x'], going back by captum's DeepLIFT rule for max pooling"
     @staticmethod
-    def forward(ctx, x, fn, eps):
-        ctx.fn, ctx.eps = fn, eps
-        ctx.save_for_backward(x)
-        return fn(x)
-    @staticmethod
     def backward(ctx, g):
-        x, = ctx.saved_tensors
-        with torch.enable_grad():
-            xx = x.detach().requires_grad_()
-            y = ctx.fn(xx)
-            yi, yr = y.detach().chunk(2)
-            m = torch.max(yi, yr)
-            u = torch.autograd.grad(y, xx, g * torch.cat([m - yr, yi - m]), retain_graph=True)[0] # each half's change, sent back to where its own maxima are
-            plain = torch.autograd.grad(y, xx, g)[0]
+        x, xx, y = _Rescale.rerun(ctx)
+        yi, yr = y.detach().chunk(2)
+        m = torch.max(yi, yr)
+        u = torch.autograd.grad(y, xx, g * torch.cat([m - yr, yi - m]), retain_graph=True)[0] # each half's change, sent back to where its own maxima are
+        plain = torch.autograd.grad(y, xx, g)[0]
         xi, xr = x.chunk(2)
         dx = torch.cat(2 * [xi - xr])
         return torch.where(dx.abs() < ctx.eps, plain, torch.cat(2 * [sum(u.chunk(2))]) / dx), None, None

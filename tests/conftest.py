@@ -34,6 +34,14 @@ def assert_same_state(a, b):
     for x, y in zip(a['params'] + a['buffers'], b['params'] + b['buffers']): assert torch.equal(x, y)
 
 
+def close_to(ours, ref, rtol=1e-5):
+    "Equal to `rtol` of the reference's largest magnitude, and not vacuously (the reference is not all zeros)"
+    ours, ref = torch.as_tensor(ours).float(), torch.as_tensor(ref).float()
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    assert ref.abs().max() > 0, 'the reference is all zeros: the comparison would be vacuous'
+    torch.testing.assert_close(ours, ref, rtol=rtol, atol=rtol * ref.abs().max().item())
+
+
 def fast_options(name):
     "Options that keep a method quick on small test models (the defaults are for real images)"
     # feature_ablation: the default 8×8 grid makes 2×2-pixel patches of a 16-pixel image, whose removal moves a random model's

@@ -21,18 +21,14 @@ from torch import nn
 from fastai_heatmap.core import heatmap, get_method
 from fastai_heatmap.perturbation import grid_mask
 from fastai_heatmap.concepts import nmf, factorize
+from conftest import close_to
 
 tvm = pytest.importorskip('torchvision.models')
 attr = pytest.importorskip('captum.attr')
 warnings.filterwarnings('ignore', category=UserWarning)
 
 
-def _close(ours, ref, rtol=1e-5):
-    "Equal to `rtol` of the reference's largest magnitude, and not vacuously (the reference is not all zeros)"
-    ours, ref = torch.as_tensor(ours).float(), torch.as_tensor(ref).float()
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    assert ref.abs().max() > 0, 'the reference is all zeros: the comparison would be vacuous'
-    torch.testing.assert_close(ours, ref, rtol=rtol, atol=rtol * ref.abs().max().item())
+_close = close_to  # conftest's
 
 def _targets(model, x):
     "Each sample's best-scoring class not taken by an earlier sample"

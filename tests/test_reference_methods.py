@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from fastai_heatmap.core import heatmap, normalize_maps
 from fastai_heatmap.cam import ScoreCAM
+from conftest import close_to
 
 tvm = pytest.importorskip('torchvision.models')
 warnings.filterwarnings('ignore', category=UserWarning)
@@ -49,12 +50,7 @@ def setup(request):
     return arch, m, x, tg
 
 
-def _close(ours, ref, rtol=1e-5):
-    "Equal to `rtol` of the reference's largest magnitude, and not vacuously (the reference is not all zeros)"
-    ours, ref = torch.as_tensor(ours).float(), torch.as_tensor(ref).float()
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    assert ref.abs().max() > 0, 'the reference is all zeros: the comparison would be vacuous'
-    torch.testing.assert_close(ours, ref, rtol=rtol, atol=rtol * ref.abs().max().item())
+_close = close_to  # conftest's
 
 
 # ---------------------------------------------------------------------------------------------- pytorch-grad-cam
