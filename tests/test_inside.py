@@ -250,7 +250,11 @@ def test_bad_input(demo, call, exc, msg):
 
 
 def test_class_index_out_of_range(demo):
-    with pytest.warns(UserWarning, match='read as the class index 9'), pytest.raises(IndexError, match='out of range'): demo.max_activation(9, steps=1)
+    "9 is neither a class index of the 4 classes nor a label ('0', '1', '4', '7'): the engine's out-of-range error, no warning first"
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)
+        with pytest.raises(IndexError, match='out of range'): demo.max_activation(9, steps=1)
+    with pytest.raises(IndexError, match="pass it as a string, '7'"): demo.max_activation(7, steps=1)
 
 
 def test_show_conv_bad_input():
