@@ -33,6 +33,7 @@ def _cam_head_weights(model:nn.Module, acts:Tensor, logits:Tensor)->Tensor:
             "or by a 1×1 convolution to the classes (a ReLU after it is fine) → global average pooling, as in Zhou et al. 2016, but {}. "
             "fastai's default head (concat pooling → BatchNorm → Linear → ReLU → BatchNorm → Linear) is not one. "
             "Use method='gradcam', which works with any head; or, if the model has such a head, pass the layer right before it.")
+    if logits.ndim != 2: raise ValueError(what.format(f"this model's output has shape {tuple(logits.shape)}, not (B, n_classes) (a segmentation model has no such head)"))
     heads = [m for m in model.modules() if isinstance(m, nn.Linear) or _is_1x1(m)]
     if not heads: raise ValueError(what.format('this model has neither an nn.Linear nor a 1×1 convolution'))
     fc, k = heads[-1], acts.shape[1]
@@ -69,7 +70,7 @@ class CAM(LayerMethod):
     def weights(self, ctx):
         w = ctx.cache.get('cam')
         if w is None: w = ctx.cache['cam'] = _cam_head_weights(ctx.model, ctx.acts, ctx.out.detach())
-        return w[ctx.targets] * ctx.sign[:, None]
+        return ctx.output_grads @ w # each target's row of w (for a score function of the logits, its gradient's mix of the rows: exact when the score is linear in them)
 
 # %% ../nbs/02a_cam.ipynb #8056ee4f
 @register_method('gradcam++', 'gradcampp', 'grad-cam++')
@@ -133,13 +134,13 @@ class ScoreCAM(LayerMethod):
         if 'score' in ctx.cache: return ctx.cache['score']
         b, k = _alive(ctx.acts)
         size, n = ctx.x.shape[-2:], max(ctx.smooth, 1)
-        probs = ctx.preds.new_zeros(len(b), ctx.preds.shape[1])
+        probs = ctx.preds.new_zeros(len(b), ctx.n_probs)
         for sl in ctx.chunks(len(b) * n, 'Score-CAM'):
             i = torch.arange(sl.start, sl.stop, device=ctx.x.device) % len(b)
             m = F.interpolate(ctx.acts[b[i], k[i]][:, None], size=size, mode='bilinear', align_corners=False)
             m = normalize_maps(m)
             if ctx.smooth: m = m + ctx.noise * torch.randn(m.shape, generator=ctx.generator).to(m.device)
-            probs.index_add_(0, i, ctx.probs(ctx.run(ctx.x[b[i]] * m.to(ctx.x.dtype))))
+            probs.index_add_(0, i, ctx.probs(ctx.run(ctx.x[b[i]] * m.to(ctx.x.dtype)), b[i]))
         ctx.cache['score'] = (b, k, probs / n)
         return ctx.cache['score']
     def weights(self, ctx):
@@ -157,7 +158,7 @@ class AblationCAM(LayerMethod):
         "The model's outputs with each active (sample, channel) set to 0"
         if 'ablation' in ctx.cache: return ctx.cache['ablation']
         b, k = _alive(ctx.acts)
-        out = ctx.preds.new_zeros(len(b), ctx.preds.shape[1])
+        out = ctx.preds.new_zeros(len(b), *ctx.preds.shape[1:])
         for sl in ctx.chunks(len(b), 'Ablation-CAM'):
             a = ctx.acts[b[sl]].clone()
             a[torch.arange(len(a)), k[sl]] = 0
