@@ -20,10 +20,11 @@ from fastprogress.fastprogress import progress_bar
 from .hooks import *
 
 # %% auto #0
-__all__ = ['delegates_kept', 'eval_mode', 'unwrap_model', 'layer_shapes', 'default_layer', 'resolve_layer', 'resolve_targets',
-           'resolve_regions', 'score_of', 'region_scores', 'normalize_maps', 'Method', 'Context', 'ReplaceOutput',
-           'MapLayout', 'map_layout', 'LayerMethod', 'reduce_channels', 'InputGradientMethod', 'PerturbationMethod',
-           'register_method', 'method_names', 'get_method', 'list_methods', 'Explanation', 'explain', 'heatmap']
+__all__ = ['delegates_kept', 'eval_mode', 'unwrap_model', 'is_fastai_unet', 'layer_shapes', 'default_layer', 'resolve_layer',
+           'resolve_targets', 'resolve_regions', 'score_of', 'region_scores', 'normalize_maps', 'Method', 'Context',
+           'ReplaceOutput', 'MapLayout', 'map_layout', 'LayerMethod', 'reduce_channels', 'InputGradientMethod',
+           'PerturbationMethod', 'register_method', 'method_names', 'get_method', 'list_methods', 'Explanation',
+           'explain', 'heatmap']
 
 # %% ../nbs/02_core.ipynb #5b6c7d8e
 def delegates_kept(
@@ -61,6 +62,10 @@ def _is_fastai_vision(model):
     return (isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[1], nn.Sequential)
             and len(model[1]) > 0 and isinstance(model[1][0], _pools))
 
+def is_fastai_unet(model):
+    "Whether `model` is fastai's `DynamicUnet` (`unet_learner`'s): its encoder is `layers.0`"
+    return any(c.__name__ == 'DynamicUnet' for c in type(model).__mro__) and isinstance(getattr(model, 'layers', None), nn.ModuleList)
+
 def layer_shapes(
     model:nn.Module, # The model
     xb:Tensor, # A batch (only its first item is used)
@@ -82,7 +87,8 @@ def default_layer(
     xb:Tensor, # A batch of the inputs to explain (their size decides)
     min_size:int=4, # The smallest map (height and width) worth showing
 )->str:
-    "Name of the layer explained by default: the last one whose output is a spatial map of at least `min_size`×`min_size` (within the body of a fastai model), never an adaptive pooling; the last spatial map when none is that large; for a vision transformer, the first norm of its last block"
+    """Name of the layer explained by default: the last one whose output is a spatial map of at least `min_size`×`min_size` (within the body of a fastai model), never an adaptive pooling; the last spatial map when none is that large; for a vision transformer, the first norm of its last block;
+    for a fastai U-Net (`DynamicUnet`, of `unet_learner`), the last such stage of its encoder `layers.0` (a decoder stage, such as the last `UnetBlock`, is an option: `layer_shapes` lists them)"""
     model = unwrap_model(model)
     key, cache = (tuple(xb.shape[1:]), min_size), _defaults.setdefault(model, {})
     if key in cache: return cache[key]
@@ -90,9 +96,9 @@ def default_layer(
     if blocks and any(hasattr(m, 'patch_embed') for m in model.modules()): # a vision transformer: the input of the last block's attention
         cache[key] = blocks[-1]
         return cache[key]
-    body = _is_fastai_vision(model)
-    cands = [(n, s) for n, s in layer_shapes(model, xb) if _is_map(s) and (not body or n == '0' or n.startswith('0.'))
-             and not isinstance(model.get_submodule(n), _pools) and n]
+    body = '0' if _is_fastai_vision(model) else 'layers.0' if is_fastai_unet(model) else None
+    cands = [(n, s) for n, s in layer_shapes(model, xb) if _is_map(s) and (body is None or n == body or n.startswith(body + '.'))
+             and not isinstance(model.get_submodule(n), _pools) and n and not (body == 'layers.0' and n == body)] # a U-Net's encoder stages, not the encoder, whose inner outputs the skip connections read
     if not cands:
         raise ValueError("No module of this model outputs a spatial (B, C, H, W) feature map, so there is nothing to draw a heatmap from at a layer. "
                          "Methods at a layer need a convolutional model; the input-gradient methods (such as method='saliency') work on any image model.")
