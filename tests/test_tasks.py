@@ -195,3 +195,38 @@ def test_segmentation_show_cam(seg, tmp_path):
     axs = learn.show_cam(PILImage.create(imgs[0]), target=name)
     assert len(axs) == 3 and axs[1].get_title().startswith('predicted mask') and f'map for {name}' in axs[2].get_title()
     axs[0].figure.savefig(tmp_path/'seg.png'); plt.close('all')
+
+
+# ------------------------------------------------------------------------------------------------ regression
+@pytest.fixture(scope='module')
+def reg():
+    "A tiny seeded (untrained) CNN regressing 2 numbers (say an object's position) from the generated images"
+    from fastai.learner import Learner
+    imgs, masks = shapes_data()
+    ys = np.stack([np.argwhere(m == 1).mean(0) / 64 for m in masks]).astype(np.float32)
+    dblock = DataBlock(blocks=(ImageBlock, RegressionBlock(n_out=2)), get_x=lambda i: PILImage.create(imgs[i]), get_y=lambda i: ys[i], splitter=RandomSplitter(seed=0))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2))
+    learn = Learner(dblock.dataloaders(range(8), bs=4, num_workers=0), model, loss_func=MSELossFlat())
+    return learn, imgs
+
+
+def test_regression_learner(reg):
+    "One output explained as is (no softmax on any path), `targets=i` picks it, `sign=-1` explains what lowers it"
+    learn, imgs = reg
+    assert task_of(learn) == 'regression'
+    img, xb = PILImage.create(imgs[0]), _batch(learn, imgs[:1])
+    for name in ('gradcam', 'saliency', 'occlusion', 'scorecam'):
+        kw = dict(norm=None, relu=False, **fast_options(name))
+        ours = learn.explain(img, targets=1, method=name, **kw)
+        ref = explain(learn.model, xb, score=lambda o: o[:, 1], act=lambda o: o, method=name, bar=False, **kw) # raw outputs, no softmax
+        close_to(ours.maps, ref.maps, 1e-4)
+        low = learn.explain(img, targets=1, sign=-1, method=name, **kw)
+        close_to(low.maps, -ours.maps, 1e-4)
+        assert low.targets.tolist() == [1] and low.negative.tolist() == [True]
+    with pytest.raises(ValueError, match='has 2 outputs: pass `targets=i`'): learn.heatmap(img)
+    with pytest.raises(ValueError, match='`sign`'): learn.heatmap(img, targets=0, sign=2)
+    ax = learn.show_cam(img, target=1)
+    assert ax.get_title().startswith('prediction ') and 'output 1' in ax.get_title()
+    import matplotlib.pyplot as plt; plt.close('all')
