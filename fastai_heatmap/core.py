@@ -223,11 +223,12 @@ class Context:
         self.amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) if dev in ('cpu', 'cuda') else None
         self.cache = {} # for what a method computes once for every target column (e.g. ScoreCAM's masked scores)
         self._grads = {}
+        self.eigen_smooth = False # whether a `LayerMethod` maps the first principal component of its weighted activations (`explain(eigen_smooth=True)`)
 
     def with_input(self, x:Tensor)->Context:
         "A `Context` like this one for other inputs `x` (noisy or augmented copies): the same model, layer, options and autocast state, no progress bar and no smoothing of its own"
         sub = Context(self.model, x, self.layer, self.layer_name, self.batch_size, self.act, noise=self.noise, generator=self.generator, bar=False, reshape=self.reshape)
-        sub.amp = self.amp
+        sub.amp, sub.eigen_smooth = self.amp, self.eigen_smooth
         return sub
 
     def set_targets(self, targets:Tensor, negative:Tensor):
@@ -424,7 +425,12 @@ class LayerMethod(Method):
     def combine(self, ctx:Context, w:Tensor)->Tensor:
         "The map (B, h, w) from the weights: `Σ_k w_k A_k`"
         return torch.einsum('bk,bkhw->bhw', w, ctx.acts) if w.ndim == 2 else (w * ctx.acts).sum(1)
-    def map(self, ctx): return self.combine(ctx, self.weights(ctx).float())
+    def map(self, ctx):
+        w = self.weights(ctx).float()
+        if ctx.eigen_smooth: # pytorch-grad-cam's `eigen_smooth`: the first principal component of the weighted activations w_k A_k
+            from .cam import first_component # the CAM family's rule (Eigen-CAM's), loaded with the built-in methods
+            return first_component(w[:, :, None, None] * ctx.acts if w.ndim == 2 else w * ctx.acts)
+        return self.combine(ctx, w)
 
 def reduce_channels(
     a:Tensor, # Attributions (B, C, H, W)
@@ -597,6 +603,30 @@ def _check_smooth(meth, smooth, noise, n_samples=None)->tuple:
     if not (isinstance(noise, (int, float, np.floating)) and not isinstance(noise, bool) and noise > 0): raise ValueError(f"`noise` is the noise's standard deviation as a fraction of the input's range, a number > 0; got {noise!r}.")
     return how, n
 
+def _eigen_ok(meth)->bool:
+    "Whether `eigen_smooth` applies to `meth`: a method at a layer whose map is the sum of its weighted activations"
+    return isinstance(meth, LayerMethod) and type(meth).map is LayerMethod.map and type(meth).combine is LayerMethod.combine
+
+def _check_eigen(meth, eigen_smooth):
+    if not isinstance(eigen_smooth, (bool, np.bool_)): raise TypeError(f"`eigen_smooth` is True or False; got {eigen_smooth!r}.")
+    if not eigen_smooth or _eigen_ok(meth): return
+    why = ("works on the input, with no layer" if not meth.uses_layer else "is already the first principal component" if isinstance(meth, LayerMethod) and 'eigen' in meth.name
+           else "does not weight the activations channel by channel (its map is its own)")
+    raise ValueError(f"`eigen_smooth=True` replaces the sum Σ_k w_k A_k of a CAM method's weighted activations by their first principal component (as pytorch-grad-cam); "
+                     f"method {meth.name!r} {why}. Methods it applies to: {', '.join(n for n in method_names() if _eigen_ok(get_method(n)))}.")
+
+def _flip(t): return t.flip(-1)
+_aug_flips = ((lambda t: t, lambda t: t), (_flip, _flip)) # aug_smooth=True: the image and its mirror image, each map mapped back
+
+def _check_aug(aug):
+    "The (augment, map back) pairs of `aug_smooth`"
+    if aug is None or aug is False: return ()
+    if aug is True: return _aug_flips
+    ok = isinstance(aug, (list, tuple)) and len(aug) > 0 and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(callable(f) for f in p) for p in aug)
+    if not ok: raise TypeError(f"`aug_smooth` is True (the image and its horizontal mirror image) or a list of (augment, map back) pairs of functions: augment takes a batch (B, C, H, W), "
+                               f"map back takes the maps of the augmented batch (..., H, W) to the original's frame; got {aug!r}.")
+    return tuple(aug)
+
 interpolations = ('bilinear', 'bicubic', 'nearest') # the upsampling modes `explain(interpolation=...)` takes
 
 def _check_interpolation(mode):
@@ -649,12 +679,35 @@ def _smoothed(meth, ctx, tg, neg, how:str, n_samples:int, noise:float, generator
     mean, mean_sq = total / n_samples, total_sq / n_samples
     return dict(smoothgrad=mean, smoothgrad_sq=mean_sq, vargrad=mean_sq - mean * mean)[how]
 
+def _fused(model, xb, meth, layers, upsample, norm, **opts)->Explanation:
+    """Several layers' maps fused, by pytorch-grad-cam's rule for `target_layers=[...]`: each layer's map (after the ReLU) min-max normalised per image at its
+    own resolution, upsampled to the input (to the largest layer's size when `upsample=False`), their mean, normalised by `norm`. (torch-cam's `fuse_cams`
+    takes their maximum at the largest layer's size instead.) One forward pass per layer."""
+    es = [explain(model, xb, method=meth, layer=l, upsample=False, norm=None, **opts) for l in layers]
+    size = tuple(xb.shape[-2:]) if upsample else tuple(max(s) for s in zip(*(e.layer_size for e in es)))
+    maps = torch.stack([upsample_maps(normalize_maps(e.maps, 'image'), size, opts['interpolation']) for e in es]).mean(0)
+    return es[0]._replace(maps=normalize_maps(maps, norm), layer=' + '.join(e.layer for e in es), layer_size=tuple(max(s) for s in zip(*(e.layer_size for e in es))))
+
+def _aug_smoothed(model, xb, meth, layer, augs, upsample, norm, targets=None, **opts)->Explanation:
+    """The mean of the raw maps (after the ReLU, before `norm`) of augmented copies of the batch, each mapped back to the original's frame; every copy explains
+    the class explained for the original (for a single-logit model, the side its own prediction is on); the predictions are the first copy's"""
+    es = []
+    for aug, back in augs:
+        xa = aug(xb)
+        if not isinstance(xa, Tensor) or xa.shape[0] != xb.shape[0]: raise ValueError(f"An `aug_smooth` augmentation returned {type(xa).__name__ if not isinstance(xa, Tensor) else tuple(xa.shape)}: it should return a batch of {len(xb)} images.")
+        tg = targets if not es or es[0].preds.shape[1] == 1 else es[0].targets
+        e = explain(model, xa, tg, method=meth, layer=layer, upsample=upsample, norm=None, **opts)
+        m = back(e.maps)
+        if not isinstance(m, Tensor) or m.shape[0] != len(xb) or (es and m.shape != es[0].maps.shape): raise ValueError("An `aug_smooth` map-back function should return the maps of the original batch, as many and the same size.")
+        es.append(e._replace(maps=m))
+    return es[0]._replace(maps=normalize_maps(torch.stack([e.maps for e in es]).mean(0), norm))
+
 def explain(
     model:nn.Module, # A classifier: images (B, C, H, W) → scores (B, n_classes)
     xb:Tensor, # A batch of images, as the model takes them (normalized)
     targets=None, # Class to explain: None for each sample's prediction, an int for all, one per sample (B,), several (B, T), or a function of the predictions giving these
     method:str|Method='gradcam', # A method's name (`list_methods()`), or a `Method`
-    layer:nn.Module|str|None=None, # For methods at a layer: the module or its dotted name; None for `default_layer`
+    layer:nn.Module|str|list|None=None, # For methods at a layer: the module or its dotted name (a list of them: their maps fused); None for `default_layer`
     upsample:bool=True, # Upsampling to the input's H×W (bilinear by default: `interpolation`); False keeps the layer's resolution
     norm:str|None='image', # 'image': min-max per map; 'batch': one scale for the batch; None: raw values
     relu:bool=True, # Keep only positive evidence (the magnitude, for input gradients), as the papers do; False gives the signed map
@@ -666,6 +719,8 @@ def explain(
     reshape=None, # For methods at a layer: a function from the layer's output to (B, C, h, w) maps, for layouts other than channels first or last and a transformer's tokens
     n_samples:int|None=None, # The number of noisy copies for `smooth='smoothgrad' | 'smoothgrad_sq' | 'vargrad'` (20 when None)
     interpolation:str='bilinear', # How maps are upsampled: 'bilinear', 'bicubic' (both with half-pixel centres, align_corners=False) or 'nearest'
+    eigen_smooth:bool=False, # CAM methods that weight activations: map the first principal component of the weighted activations w_k A_k, not their sum (pytorch-grad-cam's `eigen_smooth`)
+    aug_smooth:bool|list=False, # Average the maps over augmented copies mapped back to the image: True for the image and its mirror image; or a list of (augment, map back) pairs
     **kwargs, # The method's own options (such as `window=` for occlusion); `list_methods()` shows them
 )->Explanation:
     "Heatmaps of `xb` with the predictions of the same forward pass, the classes explained and the layer used"
@@ -675,9 +730,18 @@ def explain(
     if norm not in ('image', 'batch', None): normalize_maps(xb[:0, 0], norm) # raises the error that names the choices
     how, n_smooth = _check_smooth(meth, smooth, noise, n_samples)
     _check_interpolation(interpolation)
+    _check_eigen(meth, eigen_smooth)
+    augs = _check_aug(aug_smooth)
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1: raise ValueError(f"`batch_size` should be an int ≥ 1; got {batch_size!r}.")
     if layer is not None and not meth.uses_layer:
         raise ValueError(f"Method {meth.name!r} works on the input and takes no layer: leave `layer` out. The methods at a layer are {', '.join(map(repr, method_names('cam')))}.")
+    opts = dict(targets=targets, relu=relu, smooth=smooth, noise=noise, batch_size=batch_size, act=act, bar=bar, reshape=reshape, n_samples=n_samples,
+                interpolation=interpolation, eigen_smooth=eigen_smooth)
+    if isinstance(layer, (list, tuple)):
+        if not layer: raise ValueError("`layer` is an empty list: name a layer, or several to fuse their maps.")
+        if len(layer) > 1: return _fused(model, xb, meth, list(layer), upsample, norm, aug_smooth=aug_smooth, **opts)
+        layer = layer[0]
+    if augs: return _aug_smoothed(model, xb, meth, layer, augs, upsample, norm, **opts)
     model = unwrap_model(model)
     device, dtype = _model_place(model, xb)
     x = xb.to(device=device, dtype=dtype if dtype.is_floating_point else None)
@@ -690,6 +754,7 @@ def explain(
             try:
                 mod, name = resolve_layer(model, layer, x, meth.min_size) if meth.uses_layer else (None, None)
                 ctx = Context(model, x, mod, name, int(batch_size), act, n_smooth if how == 'mask' else 0, noise, gen, bar, reshape)
+                ctx.eigen_smooth = bool(eigen_smooth)
                 out = meth.forward(ctx)
             except RuntimeError as e: _check_channels(model, x, e); raise
             ctx.out = out = _check_preds(out, len(x))
@@ -719,7 +784,7 @@ def heatmap(
     upsample:bool=True, # Upsampling to the input's H×W (bilinear by default: `interpolation`); False keeps the layer's resolution
     norm:str|None='image', # 'image': min-max per map; 'batch': one scale for the batch; None: raw values
     relu:bool=True, # Keep only positive evidence, as the papers do; False gives the signed map
-    **kwargs, # `smooth`, `n_samples`, `noise`, `interpolation`, `batch_size`, `act`, and the method's options: see `explain`
+    **kwargs, # `smooth`, `n_samples`, `noise`, `interpolation`, `eigen_smooth`, `aug_smooth`, `batch_size`, `act`, and the method's options: see `explain`
 )->Tensor:
     "Heatmaps (B, H, W), float32, on `xb`'s device: where `model` looked for each sample's target class"
     return explain(model, xb, targets, method=method, layer=layer, upsample=upsample, norm=norm, relu=relu, **kwargs).maps
