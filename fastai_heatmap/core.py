@@ -20,10 +20,11 @@ from fastprogress.fastprogress import progress_bar
 from .hooks import *
 
 # %% auto #0
-__all__ = ['delegates_kept', 'eval_mode', 'unwrap_model', 'layer_shapes', 'default_layer', 'resolve_layer', 'resolve_targets',
-           'normalize_maps', 'Method', 'Context', 'ReplaceOutput', 'MapLayout', 'map_layout', 'LayerMethod',
-           'reduce_channels', 'InputGradientMethod', 'PerturbationMethod', 'register_method', 'method_names',
-           'get_method', 'list_methods', 'Explanation', 'explain', 'heatmap']
+__all__ = ['smooth_types', 'interpolations', 'delegates_kept', 'eval_mode', 'unwrap_model', 'layer_shapes', 'default_layer',
+           'resolve_layer', 'resolve_targets', 'normalize_maps', 'Method', 'Context', 'ReplaceOutput', 'MapLayout',
+           'map_layout', 'LayerMethod', 'reduce_channels', 'InputGradientMethod', 'PerturbationMethod',
+           'register_method', 'method_names', 'get_method', 'list_methods', 'Explanation', 'upsample_maps', 'explain',
+           'heatmap']
 
 # %% ../nbs/02_core.ipynb #5b6c7d8e
 def delegates_kept(
@@ -222,6 +223,13 @@ class Context:
         self.amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) if dev in ('cpu', 'cuda') else None
         self.cache = {} # for what a method computes once for every target column (e.g. ScoreCAM's masked scores)
         self._grads = {}
+        self.eigen_smooth = False # whether a `LayerMethod` maps the first principal component of its weighted activations (`explain(eigen_smooth=True)`)
+
+    def with_input(self, x:Tensor)->Context:
+        "A `Context` like this one for other inputs `x` (noisy or augmented copies): the same model, layer, options and autocast state, no progress bar and no smoothing of its own"
+        sub = Context(self.model, x, self.layer, self.layer_name, self.batch_size, self.act, noise=self.noise, generator=self.generator, bar=False, reshape=self.reshape)
+        sub.amp, sub.eigen_smooth = self.amp, self.eigen_smooth
+        return sub
 
     def set_targets(self, targets:Tensor, negative:Tensor):
         "The class explained for each sample (B,), and whether the map is of the negative side of a single logit"
@@ -417,7 +425,12 @@ class LayerMethod(Method):
     def combine(self, ctx:Context, w:Tensor)->Tensor:
         "The map (B, h, w) from the weights: `Σ_k w_k A_k`"
         return torch.einsum('bk,bkhw->bhw', w, ctx.acts) if w.ndim == 2 else (w * ctx.acts).sum(1)
-    def map(self, ctx): return self.combine(ctx, self.weights(ctx).float())
+    def map(self, ctx):
+        w = self.weights(ctx).float()
+        if ctx.eigen_smooth: # pytorch-grad-cam's `eigen_smooth`: the first principal component of the weighted activations w_k A_k
+            from .cam import first_component # the CAM family's rule (Eigen-CAM's), loaded with the built-in methods
+            return first_component(w[:, :, None, None] * ctx.acts if w.ndim == 2 else w * ctx.acts)
+        return self.combine(ctx, w)
 
 def reduce_channels(
     a:Tensor, # Attributions (B, C, H, W)
@@ -566,15 +579,71 @@ def _check_channels(model, x, e:RuntimeError):
         raise ValueError(f"The model's first convolution takes {conv.in_channels}-channel images, but this batch has {x.shape[1]} channels. "
                          "Pass images the way the model was trained on them (`learn.heatmap` opens items with the learner's own image type).") from None
 
-def _check_smooth(meth, smooth, noise):
-    if smooth in (None, False, 0): return 0
-    if isinstance(smooth, bool): smooth = 20
-    if not isinstance(smooth, (int, np.integer)) or smooth < 0: raise ValueError(f"`smooth` is the number of noisy samples to average, an int ≥ 1 (or 0 for none); got {smooth!r}.")
-    if meth.smoothing is None:
-        raise ValueError(f"`smooth` averages over noisy inputs for methods that use gradients (SmoothGrad) and over noisy masks for ScoreCAM (SS-CAM); method {meth.name!r} uses neither. "
-                         f"Methods it applies to: {', '.join(n for n in method_names() if get_method(n).smoothing)}.")
-    if not (isinstance(noise, (int, float)) and noise > 0): raise ValueError(f"`noise` is the noise's standard deviation as a fraction of the input's range, a number > 0; got {noise!r}.")
-    return int(smooth)
+smooth_types = ('smoothgrad', 'smoothgrad_sq', 'vargrad') # captum's `NoiseTunnel(nt_type=...)`
+
+def _is_count(n): return isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_)) and n >= 1
+
+def _check_smooth(meth, smooth, noise, n_samples=None)->tuple:
+    "(how, number of noisy samples) for `smooth=`: how is one of `smooth_types` (over noisy inputs), 'mask' (the method's own, SS-CAM) or None"
+    if n_samples is not None and not _is_count(n_samples): raise ValueError(f"`n_samples` is the number of noisy copies to average, an int ≥ 1; got {n_samples!r}.")
+    if smooth is None or smooth is False or (not isinstance(smooth, str) and not isinstance(smooth, bool) and isinstance(smooth, (int, np.integer)) and smooth == 0):
+        if n_samples is not None: raise ValueError(f"`n_samples={n_samples}` counts the noisy copies of `smooth=`: pass smooth='smoothgrad', 'smoothgrad_sq' or 'vargrad' too.")
+        return None, 0
+    if isinstance(smooth, str):
+        if smooth not in smooth_types:
+            close = difflib.get_close_matches(smooth.lower(), smooth_types, n=1)
+            raise ValueError(f"Unknown smooth {smooth!r}.{f' Did you mean {close[0]!r}?' if close else ''} Use 'smoothgrad' (the mean of the maps of noisy copies of the input), 'smoothgrad_sq' (the mean of their squares) "
+                             "or 'vargrad' (their variance), as captum's NoiseTunnel; an int n for 'smoothgrad' with n copies; or 0 for none.")
+        how, n = smooth, 20 if n_samples is None else int(n_samples)
+    else:
+        if smooth is True: smooth = 20 if n_samples is None else n_samples
+        if not _is_count(smooth): raise ValueError(f"`smooth` is 'smoothgrad', 'smoothgrad_sq' or 'vargrad' (with `n_samples`), or the number of noisy copies for 'smoothgrad', an int ≥ 1 (0 for none); got {smooth!r}.")
+        if n_samples is not None and n_samples != smooth: raise ValueError(f"`smooth={smooth}` already says how many noisy copies to average, and `n_samples={n_samples}` says otherwise: pass smooth='smoothgrad', n_samples={n_samples}.")
+        how, n = ('mask' if meth.smoothing == 'mask' else 'smoothgrad'), int(smooth)
+    if not (isinstance(noise, (int, float, np.floating)) and not isinstance(noise, bool) and noise > 0): raise ValueError(f"`noise` is the noise's standard deviation as a fraction of the input's range, a number > 0; got {noise!r}.")
+    return how, n
+
+def _eigen_ok(meth)->bool:
+    "Whether `eigen_smooth` applies to `meth`: a method at a layer whose map is the sum of its weighted activations"
+    return isinstance(meth, LayerMethod) and type(meth).map is LayerMethod.map and type(meth).combine is LayerMethod.combine
+
+def _check_eigen(meth, eigen_smooth):
+    if not isinstance(eigen_smooth, (bool, np.bool_)): raise TypeError(f"`eigen_smooth` is True or False; got {eigen_smooth!r}.")
+    if not eigen_smooth or _eigen_ok(meth): return
+    why = ("works on the input, with no layer" if not meth.uses_layer else "is already the first principal component" if isinstance(meth, LayerMethod) and 'eigen' in meth.name
+           else "does not weight the activations channel by channel (its map is its own)")
+    raise ValueError(f"`eigen_smooth=True` replaces the sum Σ_k w_k A_k of a CAM method's weighted activations by their first principal component (as pytorch-grad-cam); "
+                     f"method {meth.name!r} {why}. Methods it applies to: {', '.join(n for n in method_names() if _eigen_ok(get_method(n)))}.")
+
+def _flip(t): return t.flip(-1)
+_aug_flips = ((lambda t: t, lambda t: t), (_flip, _flip)) # aug_smooth=True: the image and its mirror image, each map mapped back
+
+def _check_aug(aug):
+    "The (augment, map back) pairs of `aug_smooth`"
+    if aug is None or aug is False: return ()
+    if aug is True: return _aug_flips
+    ok = isinstance(aug, (list, tuple)) and len(aug) > 0 and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(callable(f) for f in p) for p in aug)
+    if not ok: raise TypeError(f"`aug_smooth` is True (the image and its horizontal mirror image) or a list of (augment, map back) pairs of functions: augment takes a batch (B, C, H, W), "
+                               f"map back takes the maps of the augmented batch (..., H, W) to the original's frame; got {aug!r}.")
+    return tuple(aug)
+
+interpolations = ('bilinear', 'bicubic', 'nearest') # the upsampling modes `explain(interpolation=...)` takes
+
+def _check_interpolation(mode):
+    if mode not in interpolations: raise ValueError(f"Unknown interpolation {mode!r}: use {', '.join(map(repr, interpolations))}.")
+
+def upsample_maps(
+    maps:Tensor, # Maps (..., h, w)
+    size:tuple, # The size (H, W) to reach
+    interpolation:str='bilinear', # 'bilinear' or 'bicubic' (half-pixel centres, align_corners=False, as cv2 and PIL), or 'nearest'
+)->Tensor:
+    "`maps` resized to `size` (the engine's one upsampling rule)"
+    _check_interpolation(interpolation)
+    size = tuple(size)
+    if tuple(maps.shape[-2:]) == size: return maps
+    flat = maps.reshape(-1, 1, *maps.shape[-2:])
+    out = F.interpolate(flat, size=size, mode=interpolation, align_corners=None if interpolation == 'nearest' else False)
+    return out.view(*maps.shape[:-2], *size)
 
 # %% ../nbs/02_core.ipynb #4d6a2b17
 def _columns(meth, ctx, tg, neg)->Tensor:
@@ -586,40 +655,72 @@ def _columns(meth, ctx, tg, neg)->Tensor:
         res.append(meth.map(ctx).float())
     return torch.stack(res, 1)
 
-def _smoothed(meth, ctx, tg, neg, smooth, noise, generator)->Tensor:
-    "SmoothGrad (Smilkov et al. 2017): the mean of the raw maps of `smooth` noisy copies of each input, σ = `noise` × the input's range, in batches"
+def _noise(n:int, shape:tuple, generator)->Tensor:
+    "`n` standard normal draws of `shape`, from `generator` on the CPU (the same on every device)"
+    return torch.randn((n, *shape), generator=generator, device='cpu')
+
+def _smoothed(meth, ctx, tg, neg, how:str, n_samples:int, noise:float, generator)->Tensor:
+    """Noise tunnel (captum's `NoiseTunnel`) over the raw maps a_k of `n_samples` noisy copies x + σε_k of each input, σ = `noise` × the input's range:
+    'smoothgrad' (Smilkov et al. 2017) the mean E[a], 'smoothgrad_sq' the mean of squares E[a²], 'vargrad' (Adebayo et al. 2018) the variance E[a²] − E[a]²; in batches"""
     x = ctx.x
-    eps = torch.randn((smooth, *x.shape[1:]), generator=generator, device='cpu').to(x.device, torch.float32) # one noise per copy, the same for every sample: per-example equals batched
+    eps = _noise(n_samples, x.shape[1:], generator).to(x.device, torch.float32) # one noise per copy, the same for every sample: per-example equals batched
     rng = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).float()
-    n, total = len(x), None
-    for sl in ctx.chunks(smooth * n, 'smoothing'):
+    n, total, total_sq = len(x), None, None
+    for sl in ctx.chunks(n_samples * n, 'smoothing'):
         idx = torch.arange(sl.start, sl.stop, device=x.device)
         rows, k = idx % n, idx // n
-        xs = (x[rows].float() + noise * rng[rows, None, None, None] * eps[k]).to(x.dtype)
-        sub = Context(ctx.model, xs, ctx.layer, ctx.layer_name, ctx.batch_size, ctx.act, bar=False, reshape=ctx.reshape)
-        sub.amp = ctx.amp
-        sub.out = _check_preds(meth.forward(sub), len(xs))
+        sub = ctx.with_input((x[rows].float() + noise * rng[rows, None, None, None] * eps[k]).to(x.dtype))
+        sub.out = _check_preds(meth.forward(sub), len(sub.x))
         sub.preds = sub.out.detach().float()
         m = _columns(meth, sub, tg[rows], neg[rows])
-        total = m.new_zeros(n, *m.shape[1:]) if total is None else total
+        if total is None: total, total_sq = m.new_zeros(n, *m.shape[1:]), m.new_zeros(n, *m.shape[1:])
         total.index_add_(0, rows, m)
-    return total / smooth
+        if how != 'smoothgrad': total_sq.index_add_(0, rows, m * m)
+    mean, mean_sq = total / n_samples, total_sq / n_samples
+    return dict(smoothgrad=mean, smoothgrad_sq=mean_sq, vargrad=mean_sq - mean * mean)[how]
+
+def _fused(model, xb, meth, layers, upsample, norm, **opts)->Explanation:
+    """Several layers' maps fused, by pytorch-grad-cam's rule for `target_layers=[...]`: each layer's map (after the ReLU) min-max normalised per image at its
+    own resolution, upsampled to the input (to the largest layer's size when `upsample=False`), their mean, normalised by `norm`. (torch-cam's `fuse_cams`
+    takes their maximum at the largest layer's size instead.) One forward pass per layer."""
+    es = [explain(model, xb, method=meth, layer=l, upsample=False, norm=None, **opts) for l in layers]
+    size = tuple(xb.shape[-2:]) if upsample else tuple(max(s) for s in zip(*(e.layer_size for e in es)))
+    maps = torch.stack([upsample_maps(normalize_maps(e.maps, 'image'), size, opts['interpolation']) for e in es]).mean(0)
+    return es[0]._replace(maps=normalize_maps(maps, norm), layer=' + '.join(e.layer for e in es), layer_size=tuple(max(s) for s in zip(*(e.layer_size for e in es))))
+
+def _aug_smoothed(model, xb, meth, layer, augs, upsample, norm, targets=None, **opts)->Explanation:
+    """The mean of the raw maps (after the ReLU, before `norm`) of augmented copies of the batch, each mapped back to the original's frame; every copy explains
+    the class explained for the original (for a single-logit model, the side its own prediction is on); the predictions are the first copy's"""
+    es = []
+    for aug, back in augs:
+        xa = aug(xb)
+        if not isinstance(xa, Tensor) or xa.shape[0] != xb.shape[0]: raise ValueError(f"An `aug_smooth` augmentation returned {type(xa).__name__ if not isinstance(xa, Tensor) else tuple(xa.shape)}: it should return a batch of {len(xb)} images.")
+        tg = targets if not es or es[0].preds.shape[1] == 1 else es[0].targets
+        e = explain(model, xa, tg, method=meth, layer=layer, upsample=upsample, norm=None, **opts)
+        m = back(e.maps)
+        if not isinstance(m, Tensor) or m.shape[0] != len(xb) or (es and m.shape != es[0].maps.shape): raise ValueError("An `aug_smooth` map-back function should return the maps of the original batch, as many and the same size.")
+        es.append(e._replace(maps=m))
+    return es[0]._replace(maps=normalize_maps(torch.stack([e.maps for e in es]).mean(0), norm))
 
 def explain(
     model:nn.Module, # A classifier: images (B, C, H, W) → scores (B, n_classes)
     xb:Tensor, # A batch of images, as the model takes them (normalized)
     targets=None, # Class to explain: None for each sample's prediction, an int for all, one per sample (B,), several (B, T), or a function of the predictions giving these
     method:str|Method='gradcam', # A method's name (`list_methods()`), or a `Method`
-    layer:nn.Module|str|None=None, # For methods at a layer: the module or its dotted name; None for `default_layer`
-    upsample:bool=True, # Bilinear upsampling (align_corners=False) to the input's H×W; False keeps the layer's resolution
+    layer:nn.Module|str|list|None=None, # For methods at a layer: the module or its dotted name (a list of them: their maps fused); None for `default_layer`
+    upsample:bool=True, # Upsampling to the input's H×W (bilinear by default: `interpolation`); False keeps the layer's resolution
     norm:str|None='image', # 'image': min-max per map; 'batch': one scale for the batch; None: raw values
     relu:bool=True, # Keep only positive evidence (the magnitude, for input gradients), as the papers do; False gives the signed map
-    smooth:int=0, # Average over this many noisy copies of the input (SmoothGrad; SS-CAM for ScoreCAM); 0 for none
+    smooth:int|str=0, # Over noisy copies of the input (captum's NoiseTunnel, any method): 'smoothgrad' (their mean map), 'smoothgrad_sq' (mean square) or 'vargrad' (variance); an int n: 'smoothgrad' with n copies (for ScoreCAM: SS-CAM's noisy masks); 0 for none
     noise:float=0.15, # The noise's standard deviation for `smooth`, as a fraction of the input's range
     batch_size:int=64, # Inputs per forward pass when a method runs the model on modified inputs (ScoreCAM, occlusion, `smooth`, ...)
     act=None, # Function from the model's outputs to probabilities, for methods that score them; softmax (sigmoid for one output) when None
     bar:bool=True, # Show a progress bar when a method runs the model on many modified inputs
     reshape=None, # For methods at a layer: a function from the layer's output to (B, C, h, w) maps, for layouts other than channels first or last and a transformer's tokens
+    n_samples:int|None=None, # The number of noisy copies for `smooth='smoothgrad' | 'smoothgrad_sq' | 'vargrad'` (20 when None)
+    interpolation:str='bilinear', # How maps are upsampled: 'bilinear', 'bicubic' (both with half-pixel centres, align_corners=False) or 'nearest'
+    eigen_smooth:bool=False, # CAM methods that weight activations: map the first principal component of the weighted activations w_k A_k, not their sum (pytorch-grad-cam's `eigen_smooth`)
+    aug_smooth:bool|list=False, # Average the maps over augmented copies mapped back to the image: True for the image and its mirror image; or a list of (augment, map back) pairs
     **kwargs, # The method's own options (such as `window=` for occlusion); `list_methods()` shows them
 )->Explanation:
     "Heatmaps of `xb` with the predictions of the same forward pass, the classes explained and the layer used"
@@ -627,10 +728,20 @@ def explain(
     _check_model(model)
     _check_batch(xb)
     if norm not in ('image', 'batch', None): normalize_maps(xb[:0, 0], norm) # raises the error that names the choices
-    smooth = _check_smooth(meth, smooth, noise)
+    how, n_smooth = _check_smooth(meth, smooth, noise, n_samples)
+    _check_interpolation(interpolation)
+    _check_eigen(meth, eigen_smooth)
+    augs = _check_aug(aug_smooth)
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1: raise ValueError(f"`batch_size` should be an int ≥ 1; got {batch_size!r}.")
     if layer is not None and not meth.uses_layer:
         raise ValueError(f"Method {meth.name!r} works on the input and takes no layer: leave `layer` out. The methods at a layer are {', '.join(map(repr, method_names('cam')))}.")
+    opts = dict(targets=targets, relu=relu, smooth=smooth, noise=noise, batch_size=batch_size, act=act, bar=bar, reshape=reshape, n_samples=n_samples,
+                interpolation=interpolation, eigen_smooth=eigen_smooth)
+    if isinstance(layer, (list, tuple)):
+        if not layer: raise ValueError("`layer` is an empty list: name a layer, or several to fuse their maps.")
+        if len(layer) > 1: return _fused(model, xb, meth, list(layer), upsample, norm, aug_smooth=aug_smooth, **opts)
+        layer = layer[0]
+    if augs: return _aug_smoothed(model, xb, meth, layer, augs, upsample, norm, **opts)
     model = unwrap_model(model)
     device, dtype = _model_place(model, xb)
     x = xb.to(device=device, dtype=dtype if dtype.is_floating_point else None)
@@ -642,21 +753,21 @@ def explain(
         with eval_mode(model), torch.inference_mode(False):
             try:
                 mod, name = resolve_layer(model, layer, x, meth.min_size) if meth.uses_layer else (None, None)
-                ctx = Context(model, x, mod, name, int(batch_size), act, smooth, noise, gen, bar, reshape)
+                ctx = Context(model, x, mod, name, int(batch_size), act, n_smooth if how == 'mask' else 0, noise, gen, bar, reshape)
+                ctx.eigen_smooth = bool(eigen_smooth)
                 out = meth.forward(ctx)
             except RuntimeError as e: _check_channels(model, x, e); raise
             ctx.out = out = _check_preds(out, len(x))
             ctx.preds = preds = out.detach().float()
             tg, neg = resolve_targets(targets, preds)
             with torch.autocast(device.type, enabled=False): # the maps' own math is float32, whatever the model's
-                if smooth and meth.smoothing == 'input': maps = _smoothed(meth, ctx, tg, neg, smooth, noise, gen)
+                if how in smooth_types: maps = _smoothed(meth, ctx, tg, neg, how, n_smooth, noise, gen)
                 else: maps = _columns(meth, ctx, tg, neg)
                 with torch.no_grad():
                     if relu: maps = maps.abs() if meth.map_rule == 'abs' else maps.relu()
                     maps = meth.scale(maps, ctx)
                     size = tuple(maps.shape[-2:])
-                    if upsample and size != tuple(x.shape[-2:]):
-                        maps = F.interpolate(maps.flatten(1, -3), size=x.shape[-2:], mode='bilinear', align_corners=False).view(*maps.shape[:-2], *x.shape[-2:])
+                    if upsample: maps = upsample_maps(maps, x.shape[-2:], interpolation)
                     chans = maps.ndim == 5 # input methods with reduce=None: one scale per image over its channels
                     maps = normalize_maps(maps.flatten(-3, -2) if chans else maps, norm).view(maps.shape)
                     if tg.ndim == 1: maps = maps[:, 0]
@@ -670,10 +781,10 @@ def heatmap(
     targets=None, # Class to explain: None for each sample's prediction, an int for all, or one per sample
     method:str|Method='gradcam', # A method's name (`list_methods()`), or a `Method`
     layer:nn.Module|str|None=None, # For methods at a layer: the module or its dotted name; None for `default_layer`
-    upsample:bool=True, # Bilinear upsampling (align_corners=False) to the input's H×W; False keeps the layer's resolution
+    upsample:bool=True, # Upsampling to the input's H×W (bilinear by default: `interpolation`); False keeps the layer's resolution
     norm:str|None='image', # 'image': min-max per map; 'batch': one scale for the batch; None: raw values
     relu:bool=True, # Keep only positive evidence, as the papers do; False gives the signed map
-    **kwargs, # `smooth`, `noise`, `batch_size`, `act`, and the method's options: see `explain`
+    **kwargs, # `smooth`, `n_samples`, `noise`, `interpolation`, `eigen_smooth`, `aug_smooth`, `batch_size`, `act`, and the method's options: see `explain`
 )->Tensor:
     "Heatmaps (B, H, W), float32, on `xb`'s device: where `model` looked for each sample's target class"
     return explain(model, xb, targets, method=method, layer=layer, upsample=upsample, norm=norm, relu=relu, **kwargs).maps
