@@ -18,6 +18,7 @@ from fastprogress.fastprogress import progress_bar
 from .core import *
 from .learner import *
 from .metrics import deletion_curves, curve_auc
+from .draw import show_once
 
 # %% auto #0
 __all__ = ['noisy_linear_imputation', 'ROAD', 'road', 'ConfidenceChange', 'confidence_change', 'infidelity_perturbations',
@@ -474,4 +475,4 @@ def plot_faithfulness(
     ax.set_yticks(range(n), list(table.index), fontsize=8)
     ax.tick_params(length=0, top=True, bottom=False, labeltop=True, labelbottom=False)
     ax.set_title(title or "Each column coloured by rank, bright is best (↑ higher is better, ↓ lower);\nmethods from the best mean rank over the metrics", fontsize=9)
-    return ax
+    return show_once(ax)

@@ -349,7 +349,7 @@ def plot_confused_heatmaps(self:HeatmapInterpretation,
     if not pairs:
         fig = plt.figure(figsize=figsize or (5, 1))
         fig.text(0.5, 0.5, f"No pair of classes is confused {min_val} time{'s' if min_val > 1 else ''} or more.", ha='center', va='center')
-        return fig
+        return show_once(fig)
     dec, targs = self._decoded()
     o2i = {str(c): i for i, c in enumerate(self.vocab)}
     groups = [torch.where((targs.flatten() == o2i[str(a)]) & (dec.flatten() == o2i[str(p)]))[0] for a, p, _ in pairs]
