@@ -89,6 +89,7 @@ class Concepts(NamedTuple):
     probs: Tensor # The same as probabilities (B, K, n_classes)
     layer: str # The layer factorized
     preds: Tensor # The model's outputs for the images (B, n_classes)
+    def __repr__(self): return data_repr(self)
 
 
 @register_method('dff', 'deep_feature_factorization', 'deepfeaturefactorization')

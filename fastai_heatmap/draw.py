@@ -6,7 +6,7 @@ Docs: https://fastai-heatmap.github.io/fastai_heatmap/draw.html.md"""
 
 # %% ../nbs/02d_draw.ipynb #4c5d6ccc
 from __future__ import annotations
-import functools
+import base64, functools, html, io
 import numpy as np, torch
 import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -20,7 +20,7 @@ from fastai.torch_core import show_image, to_np
 from fastai.vision.data import get_grid
 
 # %% auto #0
-__all__ = ['HeatmapFigure', 'HeatmapAxes', 'AxesList', 'show_once', 'color_range', 'show_heatmap', 'heatmap_grid',
+__all__ = ['HeatmapFigure', 'HeatmapAxes', 'AxesList', 'show_once', 'figure_html', 'color_range', 'show_heatmap', 'heatmap_grid',
            'heatmap_overlay']
 
 # %% ../nbs/02d_draw.ipynb #b081e28e
@@ -63,6 +63,18 @@ def show_once(
     elif type(o) is Axes: o.__class__ = HeatmapAxes
     elif isinstance(o, (list, tuple)) and len(o) and all(isinstance(a, Axes) for a in o): o = AxesList(show_once(a) for a in o)
     return o
+
+# %% ../nbs/02d_draw.ipynb #25a90ba6
+def figure_html(
+    fig, # A figure (closed here)
+    caption:str='', # A line of text above it
+)->str:
+    "`fig` as HTML, a PNG `<img>` under `caption`: the notebook view of results whose natural view is a picture"
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', bbox_inches='tight')
+    plt.close(fig)
+    img = f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}" alt="{html.escape(caption, quote=True)}"/>'
+    return (f'<p><code>{html.escape(caption)}</code></p>' if caption else '') + img
 
 # %% ../nbs/02d_draw.ipynb #cf2c3cba
 def color_range(

@@ -126,6 +126,7 @@ class ROAD(NamedTuple):
     morf: Tensor
     lerf: Tensor
     percentiles: tuple # At percentile p, p % of the pixels are kept
+    def __repr__(self): return data_repr(self)
     @property
     def morf_score(self)->Tensor:
         "The mean change of probability when the most relevant pixels are removed (B,): pytorch-grad-cam's `ROADMostRelevantFirstAverage` (lower is better)"
@@ -171,6 +172,7 @@ class ConfidenceChange(NamedTuple):
     "The class's probability for each image (B,): unchanged, and with the image multiplied by its map"
     before: Tensor
     after: Tensor
+    def __repr__(self): return data_repr(self)
     @property
     def drop(self)->Tensor:
         "max(0, before − after) / before (B,): its mean is the average drop of Chattopadhay et al. 2018 (×100 for their %; lower is better)"

@@ -226,6 +226,8 @@ class ClassHeatmaps(NamedTuple):
     target: str # Whether items were grouped by their 'actual' or 'pred'icted class
     border: float # Width of the border band, as a fraction of each side
     layer: str|None = None # The layer the maps come from
+    def __repr__(self): return data_repr(self)
+    def _repr_html_(self): return figure_html(self.show(), repr(self)) # in a notebook: the line, and the picture
 
     def show(self,
         alpha:float=0.6, # Opacity of the heatmaps
