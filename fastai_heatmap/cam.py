@@ -1,4 +1,4 @@
-"""Maps at a layer: Grad-CAM, CAM, Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Score-CAM, Ablation-CAM, Eigen-CAM and Eigen-Grad-CAM
+"""Maps at a layer: Grad-CAM, CAM, Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Grad-CAM element-wise, ShapleyCAM, Score-CAM, Ablation-CAM, Eigen-CAM, Eigen-Grad-CAM and a random baseline
 
 Docs: https://fastai-heatmap.github.io/fastai_heatmap/cam.html.md"""
 
@@ -12,8 +12,8 @@ from torch import nn, Tensor
 from .core import *
 
 # %% auto #0
-__all__ = ['GradCAM', 'CAM', 'GradCAMpp', 'XGradCAM', 'LayerCAM', 'HiResCAM', 'ScoreCAM', 'AblationCAM', 'first_component',
-           'EigenCAM', 'EigenGradCAM']
+__all__ = ['GradCAM', 'CAM', 'GradCAMpp', 'XGradCAM', 'LayerCAM', 'HiResCAM', 'GradCAMElementWise', 'ShapleyCAM', 'ScoreCAM',
+           'AblationCAM', 'first_component', 'EigenCAM', 'EigenGradCAM', 'RandomCAM']
 
 # %% ../nbs/02a_cam.ipynb #0bee0a3c
 @register_method('gradcam', 'grad-cam')
@@ -118,6 +118,32 @@ class HiResCAM(LayerMethod):
     family, paper, cost = 'cam', 'Draelos & Carin 2020', '1 forward + backward to the layer'
     def weights(self, ctx): return ctx.grads
 
+# %% ../nbs/02a_cam.ipynb #c94bdec2
+@register_method('gradcam_elementwise', 'gradcam-elementwise', 'gradcamelementwise')
+class GradCAMElementWise(LayerMethod):
+    """Grad-CAM element-wise, pytorch-grad-cam's `GradCAMElementWise` (Gildenblat and contributors, no paper of its own):
+    M = Σ_k ReLU(∂y_c/∂A_k ⊙ A_k), HiResCAM with the ReLU taken of each channel's product before the sum"""
+    family, paper, cost = 'cam', "pytorch-grad-cam's GradCAMElementWise", '1 forward + backward to the layer'
+    def map(self, ctx): return (ctx.grads * ctx.acts).relu().sum(1)
+
+def _grad_and_hvp(ctx)->tuple:
+    "∂y_c/∂A and the Hessian-vector product H·A = ∂(∂y_c/∂A · A)/∂A with A held fixed, at the layer (B, K, h, w), float32; H·A is 0 where the rest of the model is piecewise linear"
+    a = ctx.hook.stored
+    g = torch.autograd.grad(ctx.score(ctx.out).sum(), a, create_graph=True, retain_graph=True)[0]
+    hvp = torch.autograd.grad(g, a, grad_outputs=a.detach(), retain_graph=True, allow_unused=True)[0] if g.requires_grad else None
+    hvp = torch.zeros_like(g) if hvp is None else hvp
+    return ctx.layout.to_map(g.detach()).float(), ctx.layout.to_map(hvp.detach()).float()
+
+@register_method('shapleycam', 'shapley-cam')
+class ShapleyCAM(LayerMethod):
+    """ShapleyCAM, Cai 2025, 'CAMs as Shapley Value-based Explainers' (arXiv:2501.06261), as pytorch-grad-cam's `ShapleyCAM`:
+    w_k = mean_ij (∂y_c/∂A − ½ H·A)_k(i,j), with H·A the product of the Hessian of y_c with respect to A and A itself
+    (the second-order term of each channel's Shapley value); Grad-CAM where the model after the layer is piecewise linear"""
+    family, paper, cost = 'cam', 'Cai 2025', '1 forward + 2 backwards to the layer'
+    def weights(self, ctx):
+        g, hvp = _grad_and_hvp(ctx)
+        return (g - .5*hvp).mean((2, 3))
+
 # %% ../nbs/02a_cam.ipynb #489503d3
 def _alive(acts:Tensor)->tuple:
     "The (sample, channel) pairs whose activation is not 0 everywhere"
@@ -200,3 +226,19 @@ class EigenGradCAM(LayerMethod):
     "Eigen-Grad-CAM: Eigen-CAM of the gradient-weighted activations ∂y_c/∂A ⊙ A (as in pytorch-grad-cam)"
     family, paper, cost = 'cam', 'Muhammad & Yeasin 2020, on ∂y_c/∂A ⊙ A', '1 forward + backward to the layer'
     def map(self, ctx): return first_component(ctx.grads * ctx.acts)
+
+# %% ../nbs/02a_cam.ipynb #4472ea50
+@register_method('randomcam', 'random-cam')
+class RandomCAM(LayerMethod):
+    """A baseline for the faithfulness metrics, as pytorch-grad-cam's `RandomCAM`: M = Σ_k w_k A_k with weights w_k ~ U(−1, 1), one per channel,
+    drawn from a generator seeded with `seed`: the same for every sample and class (so a sample alone gets the map it gets in a batch)"""
+    family, paper, cost, needs_grad = 'cam', "pytorch-grad-cam's RandomCAM (a baseline)", '1 forward', False
+    def __init__(self,
+        seed:int=0, # Seed of the weights' random numbers
+    ):
+        if not isinstance(seed, int) or isinstance(seed, bool): raise TypeError(f"`seed` should be an int; got {seed!r}.")
+        self.seed = seed
+    def weights(self, ctx):
+        k = ctx.acts.shape[1]
+        w = torch.rand(k, generator=torch.Generator().manual_seed(self.seed), dtype=torch.float64) * 2 - 1
+        return w.to(ctx.acts).expand(len(ctx.acts), k)

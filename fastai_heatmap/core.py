@@ -20,10 +20,11 @@ from fastprogress.fastprogress import progress_bar
 from .hooks import *
 
 # %% auto #0
-__all__ = ['delegates_kept', 'eval_mode', 'unwrap_model', 'layer_shapes', 'default_layer', 'resolve_layer', 'resolve_targets',
-           'normalize_maps', 'Method', 'Context', 'ReplaceOutput', 'MapLayout', 'map_layout', 'LayerMethod',
-           'reduce_channels', 'InputGradientMethod', 'PerturbationMethod', 'register_method', 'method_names',
-           'get_method', 'list_methods', 'brief', 'data_repr', 'Explanation', 'explain', 'heatmap']
+__all__ = ['smooth_types', 'interpolations', 'delegates_kept', 'eval_mode', 'unwrap_model', 'layer_shapes', 'default_layer',
+           'resolve_layer', 'resolve_targets', 'normalize_maps', 'Method', 'Context', 'ReplaceOutput', 'MapLayout',
+           'map_layout', 'LayerMethod', 'reduce_channels', 'InputGradientMethod', 'PerturbationMethod',
+           'register_method', 'method_names', 'get_method', 'list_methods', 'brief', 'data_repr', 'Explanation',
+           'upsample_maps', 'explain', 'heatmap']
 
 # %% ../nbs/02_core.ipynb #5b6c7d8e
 def delegates_kept(
@@ -222,6 +223,12 @@ class Context:
         self.amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) if dev in ('cpu', 'cuda') else None
         self.cache = {} # for what a method computes once for every target column (e.g. ScoreCAM's masked scores)
         self._grads = {}
+
+    def with_input(self, x:Tensor)->Context:
+        "A `Context` like this one for other inputs `x` (noisy or augmented copies): the same model, layer, options and autocast state, no progress bar and no smoothing of its own"
+        sub = Context(self.model, x, self.layer, self.layer_name, self.batch_size, self.act, noise=self.noise, generator=self.generator, bar=False, reshape=self.reshape)
+        sub.amp = self.amp
+        return sub
 
     def set_targets(self, targets:Tensor, negative:Tensor):
         "The class explained for each sample (B,), and whether the map is of the negative side of a single logit"
@@ -581,15 +588,47 @@ def _check_channels(model, x, e:RuntimeError):
         raise ValueError(f"The model's first convolution takes {conv.in_channels}-channel images, but this batch has {x.shape[1]} channels. "
                          "Pass images the way the model was trained on them (`learn.heatmap` opens items with the learner's own image type).") from None
 
-def _check_smooth(meth, smooth, noise):
-    if smooth in (None, False, 0): return 0
-    if isinstance(smooth, bool): smooth = 20
-    if not isinstance(smooth, (int, np.integer)) or smooth < 0: raise ValueError(f"`smooth` is the number of noisy samples to average, an int ≥ 1 (or 0 for none); got {smooth!r}.")
-    if meth.smoothing is None:
-        raise ValueError(f"`smooth` averages over noisy inputs for methods that use gradients (SmoothGrad) and over noisy masks for ScoreCAM (SS-CAM); method {meth.name!r} uses neither. "
-                         f"Methods it applies to: {', '.join(n for n in method_names() if get_method(n).smoothing)}.")
-    if not (isinstance(noise, (int, float)) and noise > 0): raise ValueError(f"`noise` is the noise's standard deviation as a fraction of the input's range, a number > 0; got {noise!r}.")
-    return int(smooth)
+smooth_types = ('smoothgrad', 'smoothgrad_sq', 'vargrad') # captum's `NoiseTunnel(nt_type=...)`
+
+def _is_count(n): return isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_)) and n >= 1
+
+def _check_smooth(meth, smooth, noise, n_samples=None)->tuple:
+    "(how, number of noisy samples) for `smooth=`: how is one of `smooth_types` (over noisy inputs), 'mask' (the method's own, SS-CAM) or None"
+    if n_samples is not None and not _is_count(n_samples): raise ValueError(f"`n_samples` is the number of noisy copies to average, an int ≥ 1; got {n_samples!r}.")
+    if smooth is None or smooth is False or (not isinstance(smooth, str) and not isinstance(smooth, bool) and isinstance(smooth, (int, np.integer)) and smooth == 0):
+        if n_samples is not None: raise ValueError(f"`n_samples={n_samples}` counts the noisy copies of `smooth=`: pass smooth='smoothgrad', 'smoothgrad_sq' or 'vargrad' too.")
+        return None, 0
+    if isinstance(smooth, str):
+        if smooth not in smooth_types:
+            close = difflib.get_close_matches(smooth.lower(), smooth_types, n=1)
+            raise ValueError(f"Unknown smooth {smooth!r}.{f' Did you mean {close[0]!r}?' if close else ''} Use 'smoothgrad' (the mean of the maps of noisy copies of the input), 'smoothgrad_sq' (the mean of their squares) "
+                             "or 'vargrad' (their variance), as captum's NoiseTunnel; an int n for 'smoothgrad' with n copies; or 0 for none.")
+        how, n = smooth, 20 if n_samples is None else int(n_samples)
+    else:
+        if smooth is True: smooth = 20 if n_samples is None else n_samples
+        if not _is_count(smooth): raise ValueError(f"`smooth` is 'smoothgrad', 'smoothgrad_sq' or 'vargrad' (with `n_samples`), or the number of noisy copies for 'smoothgrad', an int ≥ 1 (0 for none); got {smooth!r}.")
+        if n_samples is not None and n_samples != smooth: raise ValueError(f"`smooth={smooth}` already says how many noisy copies to average, and `n_samples={n_samples}` says otherwise: pass smooth='smoothgrad', n_samples={n_samples}.")
+        how, n = ('mask' if meth.smoothing == 'mask' else 'smoothgrad'), int(smooth)
+    if not (isinstance(noise, (int, float, np.floating)) and not isinstance(noise, bool) and noise > 0): raise ValueError(f"`noise` is the noise's standard deviation as a fraction of the input's range, a number > 0; got {noise!r}.")
+    return how, n
+
+interpolations = ('bilinear', 'bicubic', 'nearest') # the upsampling modes `explain(interpolation=...)` takes
+
+def _check_interpolation(mode):
+    if mode not in interpolations: raise ValueError(f"Unknown interpolation {mode!r}: use {', '.join(map(repr, interpolations))}.")
+
+def upsample_maps(
+    maps:Tensor, # Maps (..., h, w)
+    size:tuple, # The size (H, W) to reach
+    interpolation:str='bilinear', # 'bilinear' or 'bicubic' (half-pixel centres, align_corners=False, as cv2 and PIL), or 'nearest'
+)->Tensor:
+    "`maps` resized to `size` (the engine's one upsampling rule)"
+    _check_interpolation(interpolation)
+    size = tuple(size)
+    if tuple(maps.shape[-2:]) == size: return maps
+    flat = maps.reshape(-1, 1, *maps.shape[-2:])
+    out = F.interpolate(flat, size=size, mode=interpolation, align_corners=None if interpolation == 'nearest' else False)
+    return out.view(*maps.shape[:-2], *size)
 
 # %% ../nbs/02_core.ipynb #4d6a2b17
 def _columns(meth, ctx, tg, neg)->Tensor:
@@ -601,24 +640,29 @@ def _columns(meth, ctx, tg, neg)->Tensor:
         res.append(meth.map(ctx).float())
     return torch.stack(res, 1)
 
-def _smoothed(meth, ctx, tg, neg, smooth, noise, generator)->Tensor:
-    "SmoothGrad (Smilkov et al. 2017): the mean of the raw maps of `smooth` noisy copies of each input, σ = `noise` × the input's range, in batches"
+def _noise(n:int, shape:tuple, generator)->Tensor:
+    "`n` standard normal draws of `shape`, from `generator` on the CPU (the same on every device)"
+    return torch.randn((n, *shape), generator=generator, device='cpu')
+
+def _smoothed(meth, ctx, tg, neg, how:str, n_samples:int, noise:float, generator)->Tensor:
+    """Noise tunnel (captum's `NoiseTunnel`) over the raw maps a_k of `n_samples` noisy copies x + σε_k of each input, σ = `noise` × the input's range:
+    'smoothgrad' (Smilkov et al. 2017) the mean E[a], 'smoothgrad_sq' the mean of squares E[a²], 'vargrad' (Adebayo et al. 2018) the variance E[a²] − E[a]²; in batches"""
     x = ctx.x
-    eps = torch.randn((smooth, *x.shape[1:]), generator=generator, device='cpu').to(x.device, torch.float32) # one noise per copy, the same for every sample: per-example equals batched
+    eps = _noise(n_samples, x.shape[1:], generator).to(x.device, torch.float32) # one noise per copy, the same for every sample: per-example equals batched
     rng = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).float()
-    n, total = len(x), None
-    for sl in ctx.chunks(smooth * n, 'smoothing'):
+    n, total, total_sq = len(x), None, None
+    for sl in ctx.chunks(n_samples * n, 'smoothing'):
         idx = torch.arange(sl.start, sl.stop, device=x.device)
         rows, k = idx % n, idx // n
-        xs = (x[rows].float() + noise * rng[rows, None, None, None] * eps[k]).to(x.dtype)
-        sub = Context(ctx.model, xs, ctx.layer, ctx.layer_name, ctx.batch_size, ctx.act, bar=False, reshape=ctx.reshape)
-        sub.amp = ctx.amp
-        sub.out = _check_preds(meth.forward(sub), len(xs))
+        sub = ctx.with_input((x[rows].float() + noise * rng[rows, None, None, None] * eps[k]).to(x.dtype))
+        sub.out = _check_preds(meth.forward(sub), len(sub.x))
         sub.preds = sub.out.detach().float()
         m = _columns(meth, sub, tg[rows], neg[rows])
-        total = m.new_zeros(n, *m.shape[1:]) if total is None else total
+        if total is None: total, total_sq = m.new_zeros(n, *m.shape[1:]), m.new_zeros(n, *m.shape[1:])
         total.index_add_(0, rows, m)
-    return total / smooth
+        if how != 'smoothgrad': total_sq.index_add_(0, rows, m * m)
+    mean, mean_sq = total / n_samples, total_sq / n_samples
+    return dict(smoothgrad=mean, smoothgrad_sq=mean_sq, vargrad=mean_sq - mean * mean)[how]
 
 def explain(
     model:nn.Module, # A classifier: images (B, C, H, W) → scores (B, n_classes)
@@ -626,15 +670,17 @@ def explain(
     targets=None, # Class to explain: None for each sample's prediction, an int for all, one per sample (B,), several (B, T), or a function of the predictions giving these
     method:str|Method='gradcam', # A method's name (`list_methods()`), or a `Method`
     layer:nn.Module|str|None=None, # For methods at a layer: the module or its dotted name; None for `default_layer`
-    upsample:bool=True, # Bilinear upsampling (align_corners=False) to the input's H×W; False keeps the layer's resolution
+    upsample:bool=True, # Upsampling to the input's H×W (bilinear by default: `interpolation`); False keeps the layer's resolution
     norm:str|None='image', # 'image': min-max per map; 'batch': one scale for the batch; None: raw values
     relu:bool=True, # Keep only positive evidence (the magnitude, for input gradients), as the papers do; False gives the signed map
-    smooth:int=0, # Average over this many noisy copies of the input (SmoothGrad; SS-CAM for ScoreCAM); 0 for none
+    smooth:int|str=0, # Over noisy copies of the input (captum's NoiseTunnel, any method): 'smoothgrad' (their mean map), 'smoothgrad_sq' (mean square) or 'vargrad' (variance); an int n: 'smoothgrad' with n copies (for ScoreCAM: SS-CAM's noisy masks); 0 for none
     noise:float=0.15, # The noise's standard deviation for `smooth`, as a fraction of the input's range
     batch_size:int=64, # Inputs per forward pass when a method runs the model on modified inputs (ScoreCAM, occlusion, `smooth`, ...)
     act=None, # Function from the model's outputs to probabilities, for methods that score them; softmax (sigmoid for one output) when None
     bar:bool=True, # Show a progress bar when a method runs the model on many modified inputs
     reshape=None, # For methods at a layer: a function from the layer's output to (B, C, h, w) maps, for layouts other than channels first or last and a transformer's tokens
+    n_samples:int|None=None, # The number of noisy copies for `smooth='smoothgrad' | 'smoothgrad_sq' | 'vargrad'` (20 when None)
+    interpolation:str='bilinear', # How maps are upsampled: 'bilinear', 'bicubic' (both with half-pixel centres, align_corners=False) or 'nearest'
     **kwargs, # The method's own options (such as `window=` for occlusion); `list_methods()` shows them
 )->Explanation:
     "Heatmaps of `xb` with the predictions of the same forward pass, the classes explained and the layer used"
@@ -642,7 +688,8 @@ def explain(
     _check_model(model)
     _check_batch(xb)
     if norm not in ('image', 'batch', None): normalize_maps(xb[:0, 0], norm) # raises the error that names the choices
-    smooth = _check_smooth(meth, smooth, noise)
+    how, n_smooth = _check_smooth(meth, smooth, noise, n_samples)
+    _check_interpolation(interpolation)
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1: raise ValueError(f"`batch_size` should be an int ≥ 1; got {batch_size!r}.")
     if layer is not None and not meth.uses_layer:
         raise ValueError(f"Method {meth.name!r} works on the input and takes no layer: leave `layer` out. The methods at a layer are {', '.join(map(repr, method_names('cam')))}.")
@@ -657,21 +704,20 @@ def explain(
         with eval_mode(model), torch.inference_mode(False):
             try:
                 mod, name = resolve_layer(model, layer, x, meth.min_size) if meth.uses_layer else (None, None)
-                ctx = Context(model, x, mod, name, int(batch_size), act, smooth, noise, gen, bar, reshape)
+                ctx = Context(model, x, mod, name, int(batch_size), act, n_smooth if how == 'mask' else 0, noise, gen, bar, reshape)
                 out = meth.forward(ctx)
             except RuntimeError as e: _check_channels(model, x, e); raise
             ctx.out = out = _check_preds(out, len(x))
             ctx.preds = preds = out.detach().float()
             tg, neg = resolve_targets(targets, preds)
             with torch.autocast(device.type, enabled=False): # the maps' own math is float32, whatever the model's
-                if smooth and meth.smoothing == 'input': maps = _smoothed(meth, ctx, tg, neg, smooth, noise, gen)
+                if how in smooth_types: maps = _smoothed(meth, ctx, tg, neg, how, n_smooth, noise, gen)
                 else: maps = _columns(meth, ctx, tg, neg)
                 with torch.no_grad():
                     if relu: maps = maps.abs() if meth.map_rule == 'abs' else maps.relu()
                     maps = meth.scale(maps, ctx)
                     size = tuple(maps.shape[-2:])
-                    if upsample and size != tuple(x.shape[-2:]):
-                        maps = F.interpolate(maps.flatten(1, -3), size=x.shape[-2:], mode='bilinear', align_corners=False).view(*maps.shape[:-2], *x.shape[-2:])
+                    if upsample: maps = upsample_maps(maps, x.shape[-2:], interpolation)
                     chans = maps.ndim == 5 # input methods with reduce=None: one scale per image over its channels
                     maps = normalize_maps(maps.flatten(-3, -2) if chans else maps, norm).view(maps.shape)
                     if tg.ndim == 1: maps = maps[:, 0]
@@ -685,10 +731,10 @@ def heatmap(
     targets=None, # Class to explain: None for each sample's prediction, an int for all, or one per sample
     method:str|Method='gradcam', # A method's name (`list_methods()`), or a `Method`
     layer:nn.Module|str|None=None, # For methods at a layer: the module or its dotted name; None for `default_layer`
-    upsample:bool=True, # Bilinear upsampling (align_corners=False) to the input's H×W; False keeps the layer's resolution
+    upsample:bool=True, # Upsampling to the input's H×W (bilinear by default: `interpolation`); False keeps the layer's resolution
     norm:str|None='image', # 'image': min-max per map; 'batch': one scale for the batch; None: raw values
     relu:bool=True, # Keep only positive evidence, as the papers do; False gives the signed map
-    **kwargs, # `smooth`, `noise`, `batch_size`, `act`, and the method's options: see `explain`
+    **kwargs, # `smooth`, `n_samples`, `noise`, `interpolation`, `batch_size`, `act`, and the method's options: see `explain`
 )->Tensor:
     "Heatmaps (B, H, W), float32, on `xb`'s device: where `model` looked for each sample's target class"
     return explain(model, xb, targets, method=method, layer=layer, upsample=upsample, norm=norm, relu=relu, **kwargs).maps

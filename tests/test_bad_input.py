@@ -75,7 +75,7 @@ CASES = [
     ('option of another method', lambda f: heatmap(f.model, f.xb, method='gradcam', window=8), TypeError, "Method 'gradcam' takes no option 'window'"),
     ('window larger than the image', lambda f: heatmap(f.model, f.xb, method='occlusion', window=100), ValueError, 'larger than the 64×64 image'),
     ('steps=0', lambda f: heatmap(f.model, f.xb, method='integrated_gradients', steps=0), ValueError, '`steps`'),
-    ('smooth on a method without gradients', lambda f: heatmap(f.model, f.xb, method='eigencam', smooth=4), ValueError, "'eigencam' uses neither"),
+    ('unknown smoothing type', lambda f: heatmap(f.model, f.xb, method='eigencam', smooth='smoothgrad2'), ValueError, "Unknown smooth 'smoothgrad2'"),
     ('layer= on an input method', lambda f: heatmap(f.model, f.xb, method='saliency', layer='0.6'), ValueError, 'takes no layer'),
     ('batch_size=0', lambda f: heatmap(f.model, f.xb, method='scorecam', batch_size=0), ValueError, '`batch_size`'),
     ('unknown reduce', lambda f: heatmap(f.model, f.xb, method='saliency', reduce='median'), ValueError, "Unknown reduce 'median'"),

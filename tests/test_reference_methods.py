@@ -170,3 +170,60 @@ def test_guided_matches_pytorch_grad_cam(setup):
     theirs = pgc.GuidedBackpropReLUModel(copy.deepcopy(m), device='cpu') # it swaps the model's modules: give it a copy
     ref = torch.stack([torch.from_numpy(theirs(x[i:i+1].clone(), target_category=c)).permute(2, 0, 1) for i, c in enumerate(tg)])
     _close(ours, ref)
+
+
+# ---------------------------------------------------------------------------------------------- pytorch-grad-cam 1.5: the methods of issue 18
+def _pgc_run(cls_name, m, layer, x, tg, **init):
+    "pytorch-grad-cam's full-size maps and its raw maps (what `get_cam_image` returned during that call), on a model of its own"
+    pgc = pytest.importorskip('pytorch_grad_cam')
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    with getattr(pgc, cls_name)(model=m, target_layers=[layer], **init) as cam:
+        raw, get = [], cam.get_cam_image
+        cam.get_cam_image = lambda *a, **k: raw.append(get(*a, **k)) or raw[-1]
+        full = cam(input_tensor=x, targets=[ClassifierOutputTarget(c) for c in tg])
+    return torch.from_numpy(full), torch.from_numpy(raw[0])
+
+
+def _same_as_pgc(m, x, tg, name, full, raw, layer, rtol=1e-5, **kw):
+    "Ours equals pytorch-grad-cam's raw maps (to `rtol` of their largest magnitude) and its full-size normalized maps (cv2's resize: to 1e-3)"
+    _close(heatmap(m, x, targets=tg, method=name, layer=layer, upsample=False, norm=None, relu=False, **kw), raw, rtol=rtol)
+    assert (heatmap(m, x, targets=tg, method=name, layer=layer, **kw) - full).abs().max() < 1e-3
+
+
+def _smooth_head(arch):
+    "The model with a GELU between two Linear layers in its head: the model after the layer is not piecewise linear, so ShapleyCAM's Hessian term is not 0"
+    m = _model(arch)
+    torch.manual_seed(2)
+    if arch == 'resnet18': m.fc = nn.Sequential(nn.Linear(512, 64), nn.GELU(), nn.Linear(64, 10))
+    else: m.classifier[-1] = nn.Sequential(nn.Linear(4096, 64), nn.GELU(), nn.Linear(64, 10))
+    with torch.no_grad():
+        for p in m.parameters(): p.mul_(1.5) if p.ndim == 2 and p.shape[0] in (64, 10) else None
+    return m.eval()
+
+
+@pytest.mark.parametrize('name,cls', [('gradcam_elementwise', 'GradCAMElementWise'), ('shapleycam', 'ShapleyCAM')])
+@pytest.mark.parametrize('head', ['linear', 'gelu'])
+def test_issue18_methods_match_pytorch_grad_cam(setup, name, cls, head):
+    arch, m, x, tg = setup
+    make = (lambda: _model(arch)) if head == 'linear' else (lambda: _smooth_head(arch))
+    theirs = make()
+    full, raw = _pgc_run(cls, theirs, _pgc_layer(theirs, arch), x, tg)
+    ours = make()
+    _same_as_pgc(ours, x, tg, name, full, raw, LAYERS[arch], rtol=1e-4)
+    if name == 'shapleycam' and head == 'gelu':  # not vacuous: the Hessian term moves the map away from Grad-CAM's
+        g = heatmap(ours, x, targets=tg, method='gradcam', layer=LAYERS[arch], upsample=False, norm=None, relu=False)
+        assert (g - raw).abs().max() > 1e-3 * raw.abs().max()
+
+
+def test_randomcam_matches_pytorch_grad_cam_with_the_same_weights(setup, monkeypatch):
+    "pytorch-grad-cam's RandomCAM draws its weights with numpy: given ours, its maps are ours"
+    import numpy as np
+    from types import SimpleNamespace
+    from fastai_heatmap.cam import RandomCAM
+    arch, m, x, tg = setup
+    K = dict(resnet18=512, vgg11=512)[arch]
+    w = RandomCAM(seed=3).weights(SimpleNamespace(acts=torch.zeros(len(x), K, 1, 1)))
+    monkeypatch.setattr(np.random, 'uniform', lambda lo, hi, size: w.double().numpy()[:, :size[1]] if (lo, hi) == (-1, 1) else None)
+    theirs = _model(arch)
+    full, raw = _pgc_run('RandomCAM', theirs, _pgc_layer(theirs, arch), x, tg)
+    _same_as_pgc(m, x, tg, 'randomcam', full, raw, LAYERS[arch], seed=3)
