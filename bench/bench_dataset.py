@@ -105,7 +105,10 @@ def main(argv=None):
         fs = files[:a.n]
         def get_preds(): learn.get_preds(dl=learn.dls.test_dl(fs))
         cases['heatmap'] = [(f"learn.get_preds, {len(fs)} files (baseline)", get_preds),
-                            (f"learn.heatmap, gradcam, {len(fs)} files", lambda: learn.heatmap(fs))]
+                            (f"learn.heatmap, gradcam, {len(fs)} files", lambda: learn.heatmap(fs)),
+                            # the default layer for 64-px images is '0.6' (4×4 maps): its gradient goes back through the body's last block,
+                            # about a quarter of the forward's work; at the body's output ('0', 2×2 maps) only through the head
+                            (f"learn.heatmap, gradcam at layer '0' (the body), {len(fs)} files", lambda: learn.heatmap(fs, layer='0'))]
         # CAM needs global average pooling → Linear after the layer (fastai's head is not one): the demo's body with such a head
         torch.manual_seed(0)
         cam = Learner(learn.dls, nn.Sequential(learn.model[0], nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, len(learn.dls.vocab)))),

@@ -1,4 +1,4 @@
-"""Maps at a layer: Grad-CAM, CAM, Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Grad-CAM element-wise, ShapleyCAM, Score-CAM, Ablation-CAM, Eigen-CAM, Eigen-Grad-CAM and a random baseline
+"""Maps at a layer: Grad-CAM, CAM, Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Grad-CAM element-wise, ShapleyCAM, Finer-CAM, Score-CAM, Ablation-CAM, Eigen-CAM, Eigen-Grad-CAM, KPCA-CAM and a random baseline
 
 Docs: https://fastai-heatmap.github.io/fastai_heatmap/cam.html.md"""
 
@@ -12,8 +12,9 @@ from torch import nn, Tensor
 from .core import *
 
 # %% auto #0
-__all__ = ['GradCAM', 'CAM', 'GradCAMpp', 'XGradCAM', 'LayerCAM', 'HiResCAM', 'GradCAMElementWise', 'ShapleyCAM', 'ScoreCAM',
-           'AblationCAM', 'first_component', 'EigenCAM', 'EigenGradCAM', 'RandomCAM']
+__all__ = ['GradCAM', 'CAM', 'GradCAMpp', 'XGradCAM', 'LayerCAM', 'HiResCAM', 'GradCAMElementWise', 'ShapleyCAM', 'FinerCAM',
+           'ScoreCAM', 'AblationCAM', 'first_component', 'EigenCAM', 'EigenGradCAM', 'kernel_component', 'KPCACAM',
+           'RandomCAM']
 
 # %% ../nbs/02a_cam.ipynb #0bee0a3c
 @register_method('gradcam', 'grad-cam')
@@ -33,6 +34,7 @@ def _cam_head_weights(model:nn.Module, acts:Tensor, logits:Tensor)->Tensor:
             "or by a 1×1 convolution to the classes (a ReLU after it is fine) → global average pooling, as in Zhou et al. 2016, but {}. "
             "fastai's default head (concat pooling → BatchNorm → Linear → ReLU → BatchNorm → Linear) is not one. "
             "Use method='gradcam', which works with any head; or, if the model has such a head, pass the layer right before it.")
+    if logits.ndim != 2: raise ValueError(what.format(f"this model's output has shape {tuple(logits.shape)}, not (B, n_classes) (a segmentation model has no such head)"))
     heads = [m for m in model.modules() if isinstance(m, nn.Linear) or _is_1x1(m)]
     if not heads: raise ValueError(what.format('this model has neither an nn.Linear nor a 1×1 convolution'))
     fc, k = heads[-1], acts.shape[1]
@@ -69,7 +71,7 @@ class CAM(LayerMethod):
     def weights(self, ctx):
         w = ctx.cache.get('cam')
         if w is None: w = ctx.cache['cam'] = _cam_head_weights(ctx.model, ctx.acts, ctx.out.detach())
-        return w[ctx.targets] * ctx.sign[:, None]
+        return ctx.output_grads @ w # each target's row of w (for a score function of the logits, its gradient's mix of the rows: exact when the score is linear in them)
 
 # %% ../nbs/02a_cam.ipynb #8056ee4f
 @register_method('gradcam++', 'gradcampp', 'grad-cam++')
@@ -144,6 +146,28 @@ class ShapleyCAM(LayerMethod):
         g, hvp = _grad_and_hvp(ctx)
         return (g - .5*hvp).mean((2, 3))
 
+# %% ../nbs/02a_cam.ipynb #ebcdfcd6
+@register_method('finercam', 'finer-cam')
+class FinerCAM(LayerMethod):
+    """Finer-CAM, Zhang et al. 2025, 'Finer-CAM: Spotting the Difference Reveals Finer Details for Visual Explanation', as pytorch-grad-cam's `FinerCAM`
+    over Grad-CAM: Grad-CAM of s = Σ_j p_j (y_c − α y_j) / Σ_j p_j, over the `compare` classes j whose scores are nearest to y_c, p = softmax(y)"""
+    family, paper, cost = 'cam', 'Zhang et al. 2025', '1 forward + backward to the layer'
+    def __init__(self,
+        alpha:float=1., # How much of the similar classes' scores is taken away (0: Grad-CAM)
+        compare:int=3, # How many of the classes nearest to the target's score it is compared with
+    ):
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool): raise TypeError(f"`alpha` should be a number; got {alpha!r}.")
+        if not isinstance(compare, int) or isinstance(compare, bool) or compare < 1: raise ValueError(f"`compare` should be an int ≥ 1; got {compare!r}.")
+        self.alpha, self.compare = alpha, compare
+    def score(self, ctx):
+        "The score whose gradient weighs the channels: the target's against its nearest classes (the target's own, for a single output)"
+        y, n = ctx.score(ctx.out).float(), min(self.compare, ctx.preds.shape[1] - 1)
+        if n == 0: return y
+        near = (ctx.preds - ctx.score(ctx.preds)[:, None]).abs().argsort(dim=1, stable=True)[:, 1:n+1] # the target itself is first, at distance 0
+        p = ctx.probs(ctx.out).gather(1, near)
+        return (p * (y[:, None] - self.alpha * ctx.out.float().gather(1, near))).sum(1) / (p.sum(1) + 1e-9)
+    def weights(self, ctx): return ctx.layout.to_map(ctx.hook.gradient(self.score(ctx), retain_graph=True)).float().mean((2, 3))
+
 # %% ../nbs/02a_cam.ipynb #489503d3
 def _alive(acts:Tensor)->tuple:
     "The (sample, channel) pairs whose activation is not 0 everywhere"
@@ -159,13 +183,13 @@ class ScoreCAM(LayerMethod):
         if 'score' in ctx.cache: return ctx.cache['score']
         b, k = _alive(ctx.acts)
         size, n = ctx.x.shape[-2:], max(ctx.smooth, 1)
-        probs = ctx.preds.new_zeros(len(b), ctx.preds.shape[1])
+        probs = ctx.preds.new_zeros(len(b), ctx.n_probs)
         for sl in ctx.chunks(len(b) * n, 'Score-CAM'):
             i = torch.arange(sl.start, sl.stop, device=ctx.x.device) % len(b)
             m = F.interpolate(ctx.acts[b[i], k[i]][:, None], size=size, mode='bilinear', align_corners=False)
             m = normalize_maps(m)
             if ctx.smooth: m = m + ctx.noise * torch.randn(m.shape, generator=ctx.generator).to(m.device)
-            probs.index_add_(0, i, ctx.probs(ctx.run(ctx.x[b[i]] * m.to(ctx.x.dtype))))
+            probs.index_add_(0, i, ctx.probs(ctx.run(ctx.x[b[i]] * m.to(ctx.x.dtype)), b[i]))
         ctx.cache['score'] = (b, k, probs / n)
         return ctx.cache['score']
     def weights(self, ctx):
@@ -183,7 +207,7 @@ class AblationCAM(LayerMethod):
         "The model's outputs with each active (sample, channel) set to 0"
         if 'ablation' in ctx.cache: return ctx.cache['ablation']
         b, k = _alive(ctx.acts)
-        out = ctx.preds.new_zeros(len(b), ctx.preds.shape[1])
+        out = ctx.preds.new_zeros(len(b), *ctx.preds.shape[1:])
         for sl in ctx.chunks(len(b), 'Ablation-CAM'):
             a = ctx.acts[b[sl]].clone()
             a[torch.arange(len(a)), k[sl]] = 0
@@ -226,6 +250,54 @@ class EigenGradCAM(LayerMethod):
     "Eigen-Grad-CAM: Eigen-CAM of the gradient-weighted activations ∂y_c/∂A ⊙ A (as in pytorch-grad-cam)"
     family, paper, cost = 'cam', 'Muhammad & Yeasin 2020, on ∂y_c/∂A ⊙ A', '1 forward + backward to the layer'
     def map(self, ctx): return first_component(ctx.grads * ctx.acts)
+
+# %% ../nbs/02a_cam.ipynb #44ef2d44
+def _kernel_matrix(m:Tensor, kernel:str, gamma:float|None)->Tensor:
+    "Kernel (B, n, n) between the rows of `m` (B, n, K), with scikit-learn's definitions and defaults (γ = 1/K, coef0 = 1, degree 3)"
+    g = 1 / m.shape[-1] if gamma is None else gamma
+    if kernel == 'cosine': m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    dot = m @ m.transpose(1, 2)
+    if kernel in ('linear', 'cosine'): return dot
+    if kernel == 'poly': return (g*dot + 1)**3
+    if kernel == 'sigmoid': return torch.tanh(g*dot + 1)
+    sq = dot.diagonal(dim1=1, dim2=2)
+    return torch.exp(-g * (sq[:, :, None] + sq[:, None, :] - 2*dot).clamp_min(0)) # 'rbf'
+
+def kernel_component(
+    a:Tensor, # Feature maps (B, K, h, w)
+    kernel:str='sigmoid', # 'sigmoid', 'rbf', 'poly', 'linear' or 'cosine', as in scikit-learn
+    gamma:float|None=None, # The kernel's coefficient; None for 1/K
+)->Tensor:
+    """The first kernel principal component (B, h, w) of each sample's centred feature vectors (one per position), as scikit-learn's
+    `KernelPCA(n_components=1).fit_transform`: √λ₁ v₁ of the centred kernel matrix; signed, as `first_component`, to correlate positively
+    with the mean over channels (where that correlation is rounding noise, so that the value of largest magnitude is positive)"""
+    b, k, h, w = a.shape
+    m = a.flatten(2).transpose(1, 2).double() # (B, hw, K)
+    m = m - m.mean(1, keepdim=True)
+    km = _kernel_matrix(m, kernel, gamma)
+    km = km - km.mean(1, keepdim=True) - km.mean(2, keepdim=True) + km.mean((1, 2), keepdim=True)
+    lam, vec = torch.linalg.eigh(km)
+    p = vec[..., -1] * lam[:, -1:].clamp_min(0).sqrt()
+    mean = m.mean(2)
+    cos = (p * mean).sum(1) / (p.norm(dim=1) * mean.norm(dim=1)).clamp_min(1e-300)
+    peak = p.gather(1, p.abs().argmax(1, keepdim=True))[:, 0]
+    sign = torch.where(cos.abs() > 1e-5, cos, peak)
+    return (p * torch.where(sign < 0, -1., 1.).to(p)[:, None]).view(b, h, w).float()
+
+@register_method('kpcacam', 'kpca-cam')
+class KPCACAM(LayerMethod):
+    """KPCA-CAM, Karmani et al. 2024, 'KPCA-CAM: Visual Explainability of Deep Computer Vision Models using Kernel PCA', as pytorch-grad-cam's `KPCA_CAM`:
+    Eigen-CAM with kernel PCA, M = the first kernel principal component of the activations (class-agnostic)"""
+    family, paper, cost, needs_grad = 'cam', 'Karmani et al. 2024', '1 forward', False
+    def __init__(self,
+        kernel:str='sigmoid', # The kernel: 'sigmoid', 'rbf', 'poly', 'linear' or 'cosine' (scikit-learn's)
+        gamma:float|None=None, # Its coefficient; None for 1/K, K the number of channels
+    ):
+        kernels = ('sigmoid', 'rbf', 'poly', 'linear', 'cosine')
+        if kernel not in kernels: raise ValueError(f"Unknown kernel {kernel!r}: use one of {', '.join(map(repr, kernels))}.")
+        if gamma is not None and not (isinstance(gamma, (int, float)) and gamma > 0): raise ValueError(f"`gamma` should be a number > 0 or None; got {gamma!r}.")
+        self.kernel, self.gamma = kernel, gamma
+    def map(self, ctx): return kernel_component(ctx.acts, self.kernel, self.gamma)
 
 # %% ../nbs/02a_cam.ipynb #4472ea50
 @register_method('randomcam', 'random-cam')

@@ -140,7 +140,7 @@ class DeepFeatureFactorization(LayerMethod):
             scores = ctx.run_with_layer(rows, maps)
         scores = scores.view(B, K, -1)
         ctx.cache['dff'] = (W, H, scores)
-        self.found = Concepts(H, W, scores, ctx.probs(scores.flatten(0, 1)).view(B, K, -1), ctx.layer_name, ctx.preds)
+        self.found = Concepts(H, W, scores, ctx.probs(scores.flatten(0, 1), torch.arange(B, device=W.device).repeat_interleave(K)).view(B, K, -1), ctx.layer_name, ctx.preds)
         return ctx.cache['dff']
 
     def map(self, ctx):

@@ -20,11 +20,11 @@ from fastprogress.fastprogress import progress_bar
 from .hooks import *
 
 # %% auto #0
-__all__ = ['smooth_types', 'interpolations', 'delegates_kept', 'eval_mode', 'unwrap_model', 'layer_shapes', 'default_layer',
-           'resolve_layer', 'resolve_targets', 'normalize_maps', 'Method', 'Context', 'ReplaceOutput', 'MapLayout',
-           'map_layout', 'LayerMethod', 'reduce_channels', 'InputGradientMethod', 'PerturbationMethod',
-           'register_method', 'method_names', 'get_method', 'list_methods', 'brief', 'data_repr', 'Explanation',
-           'upsample_maps', 'explain', 'heatmap']
+__all__ = ['smooth_types', 'interpolations', 'delegates_kept', 'eval_mode', 'unwrap_model', 'is_fastai_unet', 'layer_shapes',
+           'default_layer', 'resolve_layer', 'resolve_targets', 'resolve_regions', 'score_of', 'region_scores',
+           'normalize_maps', 'Method', 'Context', 'ReplaceOutput', 'MapLayout', 'map_layout', 'LayerMethod',
+           'reduce_channels', 'InputGradientMethod', 'PerturbationMethod', 'register_method', 'method_names',
+           'get_method', 'list_methods', 'brief', 'data_repr', 'Explanation', 'upsample_maps', 'explain', 'heatmap']
 
 # %% ../nbs/02_core.ipynb #5b6c7d8e
 def delegates_kept(
@@ -62,6 +62,10 @@ def _is_fastai_vision(model):
     return (isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[1], nn.Sequential)
             and len(model[1]) > 0 and isinstance(model[1][0], _pools))
 
+def is_fastai_unet(model):
+    "Whether `model` is fastai's `DynamicUnet` (`unet_learner`'s): its encoder is `layers.0`"
+    return any(c.__name__ == 'DynamicUnet' for c in type(model).__mro__) and isinstance(getattr(model, 'layers', None), nn.ModuleList)
+
 def layer_shapes(
     model:nn.Module, # The model
     xb:Tensor, # A batch (only its first item is used)
@@ -83,7 +87,8 @@ def default_layer(
     xb:Tensor, # A batch of the inputs to explain (their size decides)
     min_size:int=4, # The smallest map (height and width) worth showing
 )->str:
-    "Name of the layer explained by default: the last one whose output is a spatial map of at least `min_size`×`min_size` (within the body of a fastai model), never an adaptive pooling; the last spatial map when none is that large; for a vision transformer, the first norm of its last block"
+    """Name of the layer explained by default: the last one whose output is a spatial map of at least `min_size`×`min_size` (within the body of a fastai model), never an adaptive pooling; the last spatial map when none is that large; for a vision transformer, the first norm of its last block;
+    for a fastai U-Net (`DynamicUnet`, of `unet_learner`), the last such stage of its encoder `layers.0` (a decoder stage, such as the last `UnetBlock`, is an option: `layer_shapes` lists them)"""
     model = unwrap_model(model)
     key, cache = (tuple(xb.shape[1:]), min_size), _defaults.setdefault(model, {})
     if key in cache: return cache[key]
@@ -91,9 +96,9 @@ def default_layer(
     if blocks and any(hasattr(m, 'patch_embed') for m in model.modules()): # a vision transformer: the input of the last block's attention
         cache[key] = blocks[-1]
         return cache[key]
-    body = _is_fastai_vision(model)
-    cands = [(n, s) for n, s in layer_shapes(model, xb) if _is_map(s) and (not body or n == '0' or n.startswith('0.'))
-             and not isinstance(model.get_submodule(n), _pools) and n]
+    body = '0' if _is_fastai_vision(model) else 'layers.0' if is_fastai_unet(model) else None
+    cands = [(n, s) for n, s in layer_shapes(model, xb) if _is_map(s) and (body is None or n == body or n.startswith(body + '.'))
+             and not isinstance(model.get_submodule(n), _pools) and n and not (body == 'layers.0' and n == body)] # a U-Net's encoder stages, not the encoder, whose inner outputs the skip connections read
     if not cands:
         raise ValueError("No module of this model outputs a spatial (B, C, H, W) feature map, so there is nothing to draw a heatmap from at a layer. "
                          "Methods at a layer need a convolutional model; the input-gradient methods (such as method='saliency') work on any image model.")
@@ -151,16 +156,88 @@ def _as_targets(targets, n:int, c:int, device)->Tensor:
 
 def resolve_targets(
     targets, # None, an int, one per sample, (B, T), or a function of the predictions giving one of these
-    preds:Tensor, # The model's outputs (B, n_classes)
+    preds:Tensor, # The model's outputs (B, n_classes), or a segmentation model's (B, n_classes, H, W)
 )->tuple:
-    "The classes explained, (B,) or (B, T), and whether each map is of the negative side of a single-logit model"
-    n, c = preds.shape
+    "The classes explained, (B,) or (B, T), and whether each map is of the negative side of a single-logit model; for segmentation outputs, None is the class predicted at the most pixels"
+    n, c = preds.shape[:2]
     if callable(targets): targets = targets(preds.detach())
+    if targets is None and preds.ndim > 2:
+        t = F.one_hot(preds.argmax(1).flatten(1), c).sum(1).argmax(1)
+        return t, torch.zeros_like(t, dtype=torch.bool)
     if targets is None:
         t = preds.argmax(1)
         return t, ((preds[:, 0] < 0) if c == 1 else torch.zeros_like(t, dtype=torch.bool))
     t = _as_targets(targets, n, c, preds.device)
     return t, torch.zeros_like(t, dtype=torch.bool)
+
+def resolve_regions(
+    region, # None for the pixels predicted as each target class; a boolean mask (H, W) or (B, H, W); or a box (x0, y0, x1, y1) in the output's pixels
+    preds:Tensor, # A segmentation model's outputs (B, n_classes, H, W)
+    targets:Tensor, # The classes explained (B,) or (B, T)
+)->Tensor:
+    "The pixels (B, T, H, W), bool, over which each target class's score is summed (Vinogradova et al. 2020); an empty region is an error, never a map of zeros"
+    B, C, H, W = preds.shape
+    cols = targets if targets.ndim == 2 else targets[:, None]
+    if region is None:
+        r = preds.argmax(1)[:, None] == cols[:, :, None, None]
+        empty = ~r.flatten(2).any(2)
+        if empty.any():
+            b, j = (o[0].item() for o in torch.where(empty))
+            raise ValueError(f"Class {cols[b, j].item()} is predicted at no pixel of sample {b}, so the default region (the pixels predicted as that class) is empty. "
+                             "Pass `region=`, a boolean mask (H, W) or a box (x0, y0, x1, y1) of the part to explain, or explain a class the model predicts there.")
+        return r
+    if isinstance(region, (tuple, list)) and len(region) == 4 and all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in region):
+        x0, y0, x1, y1 = map(int, region)
+        if not (0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H):
+            raise ValueError(f"The box `region={tuple(region)}` should be (x0, y0, x1, y1) with 0 ≤ x0 < x1 ≤ {W} and 0 ≤ y0 < y1 ≤ {H}, in pixels of the {H}×{W} output.")
+        r = torch.zeros(1, H, W, dtype=torch.bool, device=preds.device)
+        r[:, y0:y1, x0:x1] = True
+    else:
+        what = f"`region` should be a boolean mask of the output's pixels, (H, W) = ({H}, {W}) for every sample or (B, H, W) for each, or a box (x0, y0, x1, y1)"
+        try: r = torch.as_tensor(region, device=preds.device)
+        except (TypeError, ValueError, RuntimeError): raise TypeError(f"{what}; got {type(region).__name__}.") from None
+        if r.dtype != torch.bool: raise TypeError(f"{what}; got {r.dtype} values (use `mask > 0.5`, or `mask == class_index`, for a boolean mask).")
+        if r.ndim == 2: r = r[None]
+        if r.ndim != 3 or tuple(r.shape[-2:]) != (H, W) or len(r) not in (1, B): raise ValueError(f"{what}; got shape {tuple(r.shape)}.")
+        empty = ~r.flatten(1).any(1)
+        if empty.any(): raise ValueError(f"`region` selects no pixel{' of sample ' + str(torch.where(empty)[0][0].item()) if len(r) > 1 else ''}: there would be no score to explain.")
+    return r.expand(B, H, W)[:, None].expand(B, cols.shape[1], H, W)
+
+class _Scores:
+    "The score of each explained column j: `fns[j](outputs (N, ...), rows (N,))` → (N,), `rows` being the sample each output is of; a sub-batch's `rows` (its noisy copies) map its rows to the samples"
+    def __init__(self, fns:list, rows:Tensor|None=None, what:str='the score'): self.fns, self.rows, self.what = fns, rows, what
+    def sub(self, rows:Tensor): return _Scores(self.fns, rows if self.rows is None else self.rows[rows], self.what)
+    def __call__(self, j:int, out:Tensor, rows:Tensor|None=None)->Tensor:
+        if rows is None: rows = torch.arange(len(out), device=out.device)
+        if self.rows is not None: rows = self.rows[rows]
+        s = self.fns[j](out, rows)
+        if not isinstance(s, Tensor) or tuple(s.shape) != (len(out),):
+            got = f"shape {tuple(s.shape)}" if isinstance(s, Tensor) else f"a {type(s).__name__}"
+            raise ValueError(f"{self.what} should give one number per output, a tensor of shape ({len(out)},) for outputs of shape {tuple(out.shape)}; it gave {got}.")
+        return s
+
+def _n_args(f)->int:
+    try: return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in inspect.signature(f).parameters.values()) + 2*any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(f).parameters.values())
+    except (TypeError, ValueError): return 1
+
+def score_of(
+    score, # A function of the outputs (N, ...) → (N,): the quantity to explain; it may take a second argument, the sample (N,) of each output
+)->_Scores:
+    "The `score=` of `explain`, checked, as the engine's one explained score"
+    if not callable(score): raise TypeError(f"`score` should be a function of the model's outputs giving one number per sample, such as `lambda o: o[:, 3] - o[:, 5]`; got {type(score).__name__}.")
+    f = score if _n_args(score) >= 2 else (lambda out, rows: score(out))
+    return _Scores([f], what='`score`')
+
+def region_scores(
+    targets:Tensor, # The classes explained (B,) or (B, T)
+    regions:Tensor, # Their pixels (B, T, H, W), from `resolve_regions`
+)->_Scores:
+    "For segmentation outputs (N, n_classes, H, W): the score of column j is the target class's output summed over its region (pytorch-grad-cam's `SemanticSegmentationTarget`)"
+    cols = targets if targets.ndim == 2 else targets[:, None]
+    def _f(j):
+        def f(out, rows): return (out[torch.arange(len(out), device=out.device), cols[rows, j]] * regions[rows, j].to(out.dtype)).flatten(1).sum(1)
+        return f
+    return _Scores([_f(j) for j in range(cols.shape[1])], what='the region score')
 
 # %% ../nbs/02_core.ipynb #56c70542
 def normalize_maps(
@@ -223,38 +300,58 @@ class Context:
         self.amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) if dev in ('cpu', 'cuda') else None
         self.cache = {} # for what a method computes once for every target column (e.g. ScoreCAM's masked scores)
         self._grads = {}
+        self.scores, self.col = None, 0 # a `_Scores` when the score is a function (`score=`, a segmentation region), and the column explained
+        self.eigen_smooth = False # whether a `LayerMethod` maps the first principal component of its weighted activations (`explain(eigen_smooth=True)`)
 
     def with_input(self, x:Tensor)->Context:
         "A `Context` like this one for other inputs `x` (noisy or augmented copies): the same model, layer, options and autocast state, no progress bar and no smoothing of its own"
         sub = Context(self.model, x, self.layer, self.layer_name, self.batch_size, self.act, noise=self.noise, generator=self.generator, bar=False, reshape=self.reshape)
-        sub.amp = self.amp
+        sub.amp, sub.eigen_smooth = self.amp, self.eigen_smooth
         return sub
 
-    def set_targets(self, targets:Tensor, negative:Tensor):
-        "The class explained for each sample (B,), and whether the map is of the negative side of a single logit"
-        self.targets, self.negative = targets, negative
+    def set_targets(self, targets:Tensor, negative:Tensor, col:int=0):
+        "The class explained for each sample (B,), whether the map is of the negative side of a single logit, and which column of the targets it is"
+        self.targets, self.negative, self.col = targets, negative, col
         self.sign = 1. - 2.*negative.float()
         self._grads = {}
 
     def score(self, out:Tensor, rows:Tensor|None=None)->Tensor:
-        "The explained score in outputs `out` (N, n_classes): each target's logit (negated for a negative single-logit map); `rows` gives each row's sample"
+        "The explained score (N,) in outputs `out` (N, ...): each target's logit (negated for a negative single-logit map), or the `score` function's value; `rows` gives each row's sample"
+        if self.scores is not None: return self.scores(self.col, out, rows)
         t, s = (self.targets, self.sign) if rows is None else (self.targets[rows], self.sign[rows])
         return out.gather(1, t[:, None])[:, 0] * s.to(out.dtype)
 
-    def probs(self, out:Tensor)->Tensor:
-        "Probabilities of every class (N, n_classes), float32: `act`, or softmax (sigmoid for a single output)"
+    def probs(self, out:Tensor, rows:Tensor|None=None)->Tensor:
+        """Probabilities of every class (N, n_classes), float32: `act`, or softmax over the classes (dimension 1; sigmoid for a single output);
+        with a score function, that function of the probabilities for every explained column (N, T), which `pick` reads; `rows` gives each row's sample"""
         out = out.float()
-        return (self.act or ((lambda o: o.softmax(-1)) if out.shape[1] > 1 else torch.sigmoid))(out).float()
+        p = (self.act or ((lambda o: o.softmax(1)) if out.shape[1] > 1 else torch.sigmoid))(out).float()
+        if self.scores is None: return p
+        return torch.stack([self.scores(j, p, rows).float() for j in range(len(self.scores.fns))], 1)
+
+    @property
+    def n_probs(self)->int:
+        "How many values `probs` gives per output: the classes, or the explained columns of a score function"
+        return self.preds.shape[1] if self.scores is None else len(self.scores.fns)
 
     def pick(self, p:Tensor, rows:Tensor|None=None)->Tensor:
-        "Each explained class's probability in `p` (N, n_classes) (for the negative side of a single logit, 1 − p); `rows` gives each row's sample"
+        "Each explained class's probability in `p` (N, n_classes) from `probs` (for the negative side of a single logit, 1 − p); `rows` gives each row's sample"
+        if self.scores is not None: return p[:, self.col]
         t, neg = (self.targets, self.negative) if rows is None else (self.targets[rows], self.negative[rows])
         v = p.gather(1, t[:, None])[:, 0]
         return torch.where(neg, 1 - v, v)
 
     def prob(self, out:Tensor, rows:Tensor|None=None)->Tensor:
-        "The probability of the explained class in outputs `out` (N, n_classes), float32"
-        return self.pick(self.probs(out), rows)
+        "The probability of the explained class in outputs `out` (N, n_classes), float32 (the score function of the probabilities, with one)"
+        return self.pick(self.probs(out, rows), rows)
+
+    @property
+    def output_grads(self)->Tensor:
+        "∂score/∂outputs at the predictions (B, n_classes), float32: each target's one-hot (times its sign), or the score function's gradient (how CAM weighs the head's classes)"
+        if 'output' not in self._grads:
+            o = self.preds.detach().float().requires_grad_()
+            with torch.enable_grad(): self._grads['output'] = torch.autograd.grad(self.score(o).sum(), o)[0].float()
+        return self._grads['output']
 
     @property
     def grads(self)->Tensor:
@@ -305,7 +402,7 @@ class Context:
         return self._in_full(rows, out)
 
     def _per_image(self, rows, out):
-        res = torch.empty(len(rows), self.preds.shape[1], device=out.device)
+        res = torch.empty(len(rows), *self.preds.shape[1:], device=out.device)
         for i in rows.unique().tolist():
             j = torch.where(rows == i)[0]
             with ReplaceOutput(self.layer, out[j]), torch.no_grad(), self.autocast(): y = self.model(self.x[i:i+1]).float()
@@ -424,7 +521,12 @@ class LayerMethod(Method):
     def combine(self, ctx:Context, w:Tensor)->Tensor:
         "The map (B, h, w) from the weights: `Σ_k w_k A_k`"
         return torch.einsum('bk,bkhw->bhw', w, ctx.acts) if w.ndim == 2 else (w * ctx.acts).sum(1)
-    def map(self, ctx): return self.combine(ctx, self.weights(ctx).float())
+    def map(self, ctx):
+        w = self.weights(ctx).float()
+        if ctx.eigen_smooth: # pytorch-grad-cam's `eigen_smooth`: the first principal component of the weighted activations w_k A_k
+            from .cam import first_component # the CAM family's rule (Eigen-CAM's), loaded with the built-in methods
+            return first_component(w[:, :, None, None] * ctx.acts if w.ndim == 2 else w * ctx.acts)
+        return self.combine(ctx, w)
 
 def reduce_channels(
     a:Tensor, # Attributions (B, C, H, W)
@@ -551,6 +653,7 @@ class Explanation(NamedTuple):
     layer_size: tuple # The maps' (h, w) before upsampling
     negative: Tensor|None = None # Which maps explain the negative side of a single-logit model (like `targets`)
     method: str = '' # The method's name
+    regions: Tensor|None = None # For segmentation outputs: the pixels whose scores each map explains, bool (B, H, W) (or (B, T, H, W), like `maps`)
     def __repr__(self): return data_repr(self) # shapes, not values: a cell's value reads in a line
 
 def _check_model(model):
@@ -568,11 +671,13 @@ def _check_batch(xb):
     bad = ~torch.isfinite(xb).flatten(1).all(1)
     if bad.any(): raise ValueError(f"The input has NaN or infinite values (sample{'s' if bad.sum() > 1 else ''} {torch.where(bad)[0].tolist()[:5]}): a map of them would mean nothing. Check how the batch was made.")
 
-def _check_preds(out, n):
+def _check_preds(out, n, score=None):
     if not isinstance(out, Tensor): raise TypeError(f"heatmaps explain models that return one tensor of class scores (B, n_classes); this model returned a {type(out).__name__}.")
     if out.ndim == 1 and len(out) == n: out = out[:, None]
-    if out.ndim != 2 or len(out) != n: raise ValueError(f"heatmaps explain classifiers, whose output is (B, n_classes); this model's output has shape {tuple(out.shape)}.")
-    bad = ~torch.isfinite(out.detach()).all(1)
+    if len(out) != n or (out.ndim not in (2, 4) and score is None):
+        raise ValueError(f"heatmaps explain classifiers and regressors, whose output is (B, n), and segmentation models, whose output is (B, n_classes, H, W); this model's output has shape {tuple(out.shape)}. "
+                         "For other outputs, pass `score=`, a function of the outputs giving the number (B,) to explain for each sample.")
+    bad = ~torch.isfinite(out.detach()).flatten(1).all(1)
     if bad.any(): raise ValueError(f"The model's output has NaN or infinite values (sample{'s' if bad.sum() > 1 else ''} {torch.where(bad)[0].tolist()[:5]}), so there is no score to explain. "
                                    "Check the model's weights and the input's scale (half precision overflows above 65504).")
     return out
@@ -612,6 +717,30 @@ def _check_smooth(meth, smooth, noise, n_samples=None)->tuple:
     if not (isinstance(noise, (int, float, np.floating)) and not isinstance(noise, bool) and noise > 0): raise ValueError(f"`noise` is the noise's standard deviation as a fraction of the input's range, a number > 0; got {noise!r}.")
     return how, n
 
+def _eigen_ok(meth)->bool:
+    "Whether `eigen_smooth` applies to `meth`: a method at a layer whose map is the sum of its weighted activations"
+    return isinstance(meth, LayerMethod) and type(meth).map is LayerMethod.map and type(meth).combine is LayerMethod.combine
+
+def _check_eigen(meth, eigen_smooth):
+    if not isinstance(eigen_smooth, (bool, np.bool_)): raise TypeError(f"`eigen_smooth` is True or False; got {eigen_smooth!r}.")
+    if not eigen_smooth or _eigen_ok(meth): return
+    why = ("works on the input, with no layer" if not meth.uses_layer else "is already the first principal component" if isinstance(meth, LayerMethod) and 'eigen' in meth.name
+           else "does not weight the activations channel by channel (its map is its own)")
+    raise ValueError(f"`eigen_smooth=True` replaces the sum Σ_k w_k A_k of a CAM method's weighted activations by their first principal component (as pytorch-grad-cam); "
+                     f"method {meth.name!r} {why}. Methods it applies to: {', '.join(n for n in method_names() if _eigen_ok(get_method(n)))}.")
+
+def _flip(t): return t.flip(-1)
+_aug_flips = ((lambda t: t, lambda t: t), (_flip, _flip)) # aug_smooth=True: the image and its mirror image, each map mapped back
+
+def _check_aug(aug):
+    "The (augment, map back) pairs of `aug_smooth`"
+    if aug is None or aug is False: return ()
+    if aug is True: return _aug_flips
+    ok = isinstance(aug, (list, tuple)) and len(aug) > 0 and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(callable(f) for f in p) for p in aug)
+    if not ok: raise TypeError(f"`aug_smooth` is True (the image and its horizontal mirror image) or a list of (augment, map back) pairs of functions: augment takes a batch (B, C, H, W), "
+                               f"map back takes the maps of the augmented batch (..., H, W) to the original's frame; got {aug!r}.")
+    return tuple(aug)
+
 interpolations = ('bilinear', 'bicubic', 'nearest') # the upsampling modes `explain(interpolation=...)` takes
 
 def _check_interpolation(mode):
@@ -636,7 +765,7 @@ def _columns(meth, ctx, tg, neg)->Tensor:
     cols, negs = (tg, neg) if tg.ndim == 2 else (tg[:, None], neg[:, None])
     res = []
     for j in range(cols.shape[1]):
-        ctx.set_targets(cols[:, j], negs[:, j])
+        ctx.set_targets(cols[:, j], negs[:, j], j)
         res.append(meth.map(ctx).float())
     return torch.stack(res, 1)
 
@@ -655,7 +784,8 @@ def _smoothed(meth, ctx, tg, neg, how:str, n_samples:int, noise:float, generator
         idx = torch.arange(sl.start, sl.stop, device=x.device)
         rows, k = idx % n, idx // n
         sub = ctx.with_input((x[rows].float() + noise * rng[rows, None, None, None] * eps[k]).to(x.dtype))
-        sub.out = _check_preds(meth.forward(sub), len(sub.x))
+        sub.scores = ctx.scores.sub(rows) if ctx.scores is not None else None
+        sub.out = _check_preds(meth.forward(sub), len(sub.x), ctx.scores)
         sub.preds = sub.out.detach().float()
         m = _columns(meth, sub, tg[rows], neg[rows])
         if total is None: total, total_sq = m.new_zeros(n, *m.shape[1:]), m.new_zeros(n, *m.shape[1:])
@@ -664,12 +794,35 @@ def _smoothed(meth, ctx, tg, neg, how:str, n_samples:int, noise:float, generator
     mean, mean_sq = total / n_samples, total_sq / n_samples
     return dict(smoothgrad=mean, smoothgrad_sq=mean_sq, vargrad=mean_sq - mean * mean)[how]
 
+def _fused(model, xb, meth, layers, upsample, norm, **opts)->Explanation:
+    """Several layers' maps fused, by pytorch-grad-cam's rule for `target_layers=[...]`: each layer's map (after the ReLU) min-max normalised per image at its
+    own resolution, upsampled to the input (to the largest layer's size when `upsample=False`), their mean, normalised by `norm`. (torch-cam's `fuse_cams`
+    takes their maximum at the largest layer's size instead.) One forward pass per layer."""
+    es = [explain(model, xb, method=meth, layer=l, upsample=False, norm=None, **opts) for l in layers]
+    size = tuple(xb.shape[-2:]) if upsample else tuple(max(s) for s in zip(*(e.layer_size for e in es)))
+    maps = torch.stack([upsample_maps(normalize_maps(e.maps, 'image'), size, opts['interpolation']) for e in es]).mean(0)
+    return es[0]._replace(maps=normalize_maps(maps, norm), layer=' + '.join(e.layer for e in es), layer_size=tuple(max(s) for s in zip(*(e.layer_size for e in es))))
+
+def _aug_smoothed(model, xb, meth, layer, augs, upsample, norm, targets=None, **opts)->Explanation:
+    """The mean of the raw maps (after the ReLU, before `norm`) of augmented copies of the batch, each mapped back to the original's frame; every copy explains
+    the class explained for the original (for a single-logit model, the side its own prediction is on); the predictions are the first copy's"""
+    es = []
+    for aug, back in augs:
+        xa = aug(xb)
+        if not isinstance(xa, Tensor) or xa.shape[0] != xb.shape[0]: raise ValueError(f"An `aug_smooth` augmentation returned {type(xa).__name__ if not isinstance(xa, Tensor) else tuple(xa.shape)}: it should return a batch of {len(xb)} images.")
+        tg = targets if not es or es[0].preds.shape[1] == 1 or opts.get('score') is not None else es[0].targets
+        e = explain(model, xa, tg, method=meth, layer=layer, upsample=upsample, norm=None, **opts)
+        m = back(e.maps)
+        if not isinstance(m, Tensor) or m.shape[0] != len(xb) or (es and m.shape != es[0].maps.shape): raise ValueError("An `aug_smooth` map-back function should return the maps of the original batch, as many and the same size.")
+        es.append(e._replace(maps=m))
+    return es[0]._replace(maps=normalize_maps(torch.stack([e.maps for e in es]).mean(0), norm))
+
 def explain(
-    model:nn.Module, # A classifier: images (B, C, H, W) → scores (B, n_classes)
+    model:nn.Module, # An image model: a classifier or regressor (B, C, H, W) → (B, n), or a segmentation model → (B, n_classes, H, W)
     xb:Tensor, # A batch of images, as the model takes them (normalized)
     targets=None, # Class to explain: None for each sample's prediction, an int for all, one per sample (B,), several (B, T), or a function of the predictions giving these
     method:str|Method='gradcam', # A method's name (`list_methods()`), or a `Method`
-    layer:nn.Module|str|None=None, # For methods at a layer: the module or its dotted name; None for `default_layer`
+    layer:nn.Module|str|list|None=None, # For methods at a layer: the module or its dotted name (a list of them: their maps fused); None for `default_layer`
     upsample:bool=True, # Upsampling to the input's H×W (bilinear by default: `interpolation`); False keeps the layer's resolution
     norm:str|None='image', # 'image': min-max per map; 'batch': one scale for the batch; None: raw values
     relu:bool=True, # Keep only positive evidence (the magnitude, for input gradients), as the papers do; False gives the signed map
@@ -681,18 +834,31 @@ def explain(
     reshape=None, # For methods at a layer: a function from the layer's output to (B, C, h, w) maps, for layouts other than channels first or last and a transformer's tokens
     n_samples:int|None=None, # The number of noisy copies for `smooth='smoothgrad' | 'smoothgrad_sq' | 'vargrad'` (20 when None)
     interpolation:str='bilinear', # How maps are upsampled: 'bilinear', 'bicubic' (both with half-pixel centres, align_corners=False) or 'nearest'
+    score=None, # Instead of `targets`: a function of the outputs (N, ...) → (N,), the quantity to explain (such as a logit difference); it may take a second argument, each output's sample (N,). Methods that score probabilities apply it to `act(outputs)`
+    region=None, # For segmentation outputs: the pixels whose class scores are summed; None for those predicted as the class, a boolean mask (H, W) or (B, H, W), or a box (x0, y0, x1, y1)
+    eigen_smooth:bool=False, # CAM methods that weight activations: map the first principal component of the weighted activations w_k A_k, not their sum (pytorch-grad-cam's `eigen_smooth`)
+    aug_smooth:bool|list=False, # Average the maps over augmented copies mapped back to the image: True for the image and its mirror image; or a list of (augment, map back) pairs
     **kwargs, # The method's own options (such as `window=` for occlusion); `list_methods()` shows them
 )->Explanation:
-    "Heatmaps of `xb` with the predictions of the same forward pass, the classes explained and the layer used"
+    "Heatmaps of `xb` with the predictions of the same forward pass, the classes explained and the layer used; with `score=`, `targets` are -1"
     meth = get_method(method, **kwargs)
     _check_model(model)
     _check_batch(xb)
     if norm not in ('image', 'batch', None): normalize_maps(xb[:0, 0], norm) # raises the error that names the choices
     how, n_smooth = _check_smooth(meth, smooth, noise, n_samples)
     _check_interpolation(interpolation)
+    _check_eigen(meth, eigen_smooth)
+    augs = _check_aug(aug_smooth)
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1: raise ValueError(f"`batch_size` should be an int ≥ 1; got {batch_size!r}.")
     if layer is not None and not meth.uses_layer:
         raise ValueError(f"Method {meth.name!r} works on the input and takes no layer: leave `layer` out. The methods at a layer are {', '.join(map(repr, method_names('cam')))}.")
+    opts = dict(targets=targets, relu=relu, smooth=smooth, noise=noise, batch_size=batch_size, act=act, bar=bar, reshape=reshape, n_samples=n_samples,
+                interpolation=interpolation, eigen_smooth=eigen_smooth, score=score, region=region)
+    if isinstance(layer, (list, tuple)):
+        if not layer: raise ValueError("`layer` is an empty list: name a layer, or several to fuse their maps.")
+        if len(layer) > 1: return _fused(model, xb, meth, list(layer), upsample, norm, aug_smooth=aug_smooth, **opts)
+        layer = layer[0]
+    if augs: return _aug_smoothed(model, xb, meth, layer, augs, upsample, norm, **opts)
     model = unwrap_model(model)
     device, dtype = _model_place(model, xb)
     x = xb.to(device=device, dtype=dtype if dtype.is_floating_point else None)
@@ -705,11 +871,24 @@ def explain(
             try:
                 mod, name = resolve_layer(model, layer, x, meth.min_size) if meth.uses_layer else (None, None)
                 ctx = Context(model, x, mod, name, int(batch_size), act, n_smooth if how == 'mask' else 0, noise, gen, bar, reshape)
+                ctx.eigen_smooth = bool(eigen_smooth)
                 out = meth.forward(ctx)
             except RuntimeError as e: _check_channels(model, x, e); raise
-            ctx.out = out = _check_preds(out, len(x))
+            ctx.out = out = _check_preds(out, len(x), score)
             ctx.preds = preds = out.detach().float()
-            tg, neg = resolve_targets(targets, preds)
+            regs = None
+            if score is not None:
+                if targets is not None: raise ValueError("Pass either `targets` (the classes to explain) or `score` (a function of the outputs to explain), not both.")
+                if region is not None: raise ValueError("`region` picks the pixels of a segmentation class's score; with `score=`, sum over the pixels inside your score function.")
+                ctx.scores = score_of(score)
+                tg = torch.full((len(x),), -1, dtype=torch.long, device=device)
+                neg = torch.zeros_like(tg, dtype=torch.bool)
+            else:
+                tg, neg = resolve_targets(targets, preds)
+                if preds.ndim == 4:
+                    regs = resolve_regions(region, preds, tg)
+                    ctx.scores = region_scores(tg, regs)
+                elif region is not None: raise ValueError(f"`region` is for segmentation models, whose output is (B, n_classes, H, W); this model's output has shape {tuple(preds.shape)}.")
             with torch.autocast(device.type, enabled=False): # the maps' own math is float32, whatever the model's
                 if how in smooth_types: maps = _smoothed(meth, ctx, tg, neg, how, n_smooth, noise, gen)
                 else: maps = _columns(meth, ctx, tg, neg)
@@ -722,7 +901,8 @@ def explain(
                     maps = normalize_maps(maps.flatten(-3, -2) if chans else maps, norm).view(maps.shape)
                     if tg.ndim == 1: maps = maps[:, 0]
     finally: torch.set_grad_enabled(grad_mode)
-    return Explanation(maps.detach().to(xb.device), preds.to(xb.device), tg.to(xb.device), name, size, neg.to(xb.device), meth.name)
+    if regs is not None: regs = (regs if tg.ndim == 2 else regs[:, 0]).to(xb.device)
+    return Explanation(maps.detach().to(xb.device), preds.to(xb.device), tg.to(xb.device), name, size, neg.to(xb.device), meth.name, regs)
 
 # %% ../nbs/02_core.ipynb #a76dddcc
 def heatmap(
@@ -734,7 +914,9 @@ def heatmap(
     upsample:bool=True, # Upsampling to the input's H×W (bilinear by default: `interpolation`); False keeps the layer's resolution
     norm:str|None='image', # 'image': min-max per map; 'batch': one scale for the batch; None: raw values
     relu:bool=True, # Keep only positive evidence, as the papers do; False gives the signed map
-    **kwargs, # `smooth`, `n_samples`, `noise`, `interpolation`, `batch_size`, `act`, and the method's options: see `explain`
+    score=None, # Instead of `targets`: a function of the outputs (N, ...) → (N,), the quantity to explain (see `explain`)
+    region=None, # For segmentation outputs: the pixels whose class scores are summed; None for those predicted as the class, a boolean mask, or a box (x0, y0, x1, y1)
+    **kwargs, # `smooth`, `n_samples`, `noise`, `interpolation`, `eigen_smooth`, `aug_smooth`, `batch_size`, `act`, and the method's options: see `explain`
 )->Tensor:
-    "Heatmaps (B, H, W), float32, on `xb`'s device: where `model` looked for each sample's target class"
-    return explain(model, xb, targets, method=method, layer=layer, upsample=upsample, norm=norm, relu=relu, **kwargs).maps
+    "Heatmaps (B, H, W), float32, on `xb`'s device: where `model` looked for each sample's target class (or its `score`)"
+    return explain(model, xb, targets, method=method, layer=layer, upsample=upsample, norm=norm, relu=relu, score=score, region=region, **kwargs).maps

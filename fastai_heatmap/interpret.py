@@ -62,9 +62,9 @@ class HeatmapInterpretation(ClassificationInterpretation):
     ):
         "Construct the interpretation from a learner, as fastai's, after checking that it can be; processes launched together share the predictions out"
         check_vision_learner(learn)
-        if vocab_of(learn) is None and not is_multilabel(learn):
-            raise TypeError("HeatmapInterpretation explains classifiers, but this learner's targets have no vocab of classes (a segmentation or regression learner?). "
-                            "`learn.heatmap` explains any classifier's outputs by class index.")
+        if task_of(learn) != 'classification':
+            raise TypeError(f"HeatmapInterpretation explains classifiers, and this is a {task_of(learn)} learner (its targets have no vocab of classes per image): "
+                            "its top losses are not supported yet. `learn.heatmap` and `learn.show_cam` explain it (a class over a region for segmentation, an output for regression).")
         if dl is None:
             if ds_idx >= len(learn.dls.loaders) or len(learn.dls[ds_idx].dataset) == 0:
                 raise ValueError(f"This learner has no data in `learn.dls[{ds_idx}]` (a learner from `load_learner` keeps none). "

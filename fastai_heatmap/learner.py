@@ -26,9 +26,10 @@ from .core import *
 from .draw import *
 
 # %% auto #0
-__all__ = ['check_vision_learner', 'is_multilabel', 'vocab_of', 'label_of', 'probs_of', 'thresh_of', 'image_type', 'as_items',
-           'load_item', 'unreadable', 'unreadable_error', 'check_bs', 'size_groups', 'input_region', 'label_targets',
-           'autocast_of', 'check_decoded', 'warn_coarse', 'explain_batches', 'explain_dl', 'no_evidence']
+__all__ = ['check_vision_learner', 'is_multilabel', 'vocab_of', 'label_of', 'probs_of', 'task_of', 'thresh_of', 'image_type',
+           'as_items', 'load_item', 'unreadable', 'unreadable_error', 'check_bs', 'size_groups', 'input_region',
+           'label_targets', 'autocast_of', 'check_decoded', 'warn_coarse', 'explain_batches', 'explain_dl',
+           'no_evidence']
 
 # %% ../nbs/03_learner.ipynb #7dae69ac
 def check_vision_learner(learn:Learner):
@@ -46,9 +47,11 @@ def is_multilabel(learn:Learner)->bool:
     return isinstance(lf, (BCEWithLogitsLossFlat, nn.BCEWithLogitsLoss)) or isinstance(getattr(lf, 'func', None), nn.BCEWithLogitsLoss)
 
 def vocab_of(learn:Learner)->list|None:
-    "The learner's class labels (the targets' vocab, when the `DataLoaders` have one per block), or None"
+    "The learner's class labels (the targets' vocab, when the `DataLoaders` have one per block; a segmentation's mask codes), or None"
     v = getattr(learn.dls, 'vocab', None)
     v = v[-1] if is_listy(v) and len(v) and is_listy(v[0]) else v
+    if v is None: # a `MaskBlock(codes)` keeps its classes in its `AddMaskCodes` item transform
+        v = next((f.codes for f in getattr(getattr(learn.dls.valid, 'after_item', None), 'fs', []) if getattr(f, 'codes', None) is not None), None)
     return None if v is None else list(v)
 
 def label_of(learn:Learner, i:int, negative:bool=False)->str:
@@ -61,6 +64,13 @@ def probs_of(learn:Learner, preds:Tensor, act=None)->Tensor:
     "The learner's probabilities for outputs `preds` (B, n_classes): `act`, else its loss function's activation, else softmax"
     act = act or getattr(learn.loss_func, 'activation', None) or (lambda o: o.softmax(-1))
     return act(preds).float()
+
+def task_of(learn:Learner)->str:
+    """What the learner predicts: 'segmentation' (a class per pixel, (B, C, H, W): fastai's `unet_learner`, or a loss over axis 1), 'regression'
+    (numbers: no vocabulary of classes, not multi-label; `RegressionBlock`, `PointBlock`), or 'classification'"""
+    if is_fastai_unet(unwrap_model(learn.model)) or getattr(learn.loss_func, 'axis', -1) == 1: return 'segmentation'
+    if vocab_of(learn) is None and not is_multilabel(learn): return 'regression'
+    return 'classification'
 
 def thresh_of(learn:Learner)->float:
     "The probability above which a multi-label learner predicts a label (its loss function's `thresh`, else 0.5)"
@@ -339,7 +349,7 @@ def explain_dl(
         if with_input: imgs.append(check_decoded(dl.decode((xb,))[0]).as_subclass(Tensor).cpu())
         if with_labels: ys.append(yb.as_subclass(Tensor))
     if not res: raise ValueError("The DataLoader has no items to explain.")
-    e = res[0]._replace(**{f: torch.cat([getattr(o, f) for o in res]) for f in ('maps', 'preds', 'targets', 'negative')})
+    e = res[0]._replace(**{f: torch.cat([getattr(o, f) for o in res]) for f in ('maps', 'preds', 'targets', 'negative') + (('regions',) if res[0].regions is not None else ())})
     return e, (torch.cat(imgs) if with_input else None), (torch.cat(ys) if with_labels else None)
 
 # %% ../nbs/03_learner.ipynb #158f59e8
@@ -352,19 +362,49 @@ def explain(self:Learner,
     layer=None, # Module or dotted name of the layer, for methods at a layer; None for `default_layer`
     bs:int|None=None, # Batch size (the validation `DataLoader`'s by default)
     with_input:bool=False, # Also return the decoded images (on the CPU, for showing)
+    sign:int=1, # For a regression learner: 1 explains what raises the output, -1 what lowers it
     **kwargs,
 ):
-    "`Explanation` of `items` (maps, preds, targets on the model's device), batched through `learn.dls.test_dl`"
+    """`Explanation` of `items` (maps, preds, targets on the model's device), batched through `learn.dls.test_dl`. A segmentation learner's maps are of
+    the class's score summed over `region=` (by default the pixels predicted as the class); a regression learner's of one output (`targets=i`), without softmax"""
     check_vision_learner(self)
     items = [load_item(o, self) for o in as_items(items)]
     if not items: raise ValueError("No items to explain: pass an image file, an image, or a list of them.")
     check_bs(bs)
     _check_one_size(size_groups(self, items), items)
+    task = task_of(self)
+    if sign not in (1, -1): raise ValueError(f"`sign` is 1 (explain what raises the output) or -1 (what lowers it); got {sign!r}.")
+    if sign == -1 and task != 'regression': raise ValueError("`sign=-1` is for regression learners; for a class, `relu=False` shows the evidence against it as negative values.")
     tg = label_targets(self, targets, len(items))
+    if task == 'regression': tg, kwargs = _regression(tg, sign, kwargs)
     if callable(tg): tg = lambda p, y, f=tg: f(p) # a function of the predictions, as in the engine
     dl = self.dls.test_dl(items, bs=ifnone(bs, self.dls.valid.bs), num_workers=0)
     e, imgs, _ = explain_dl(self, dl, targets=tg, method=method, layer=layer, with_input=with_input, **kwargs)
+    if task == 'regression' and sign == -1: e = e._replace(targets=torch.full_like(e.targets, kwargs['score'].output), negative=torch.ones_like(e.negative))
     return (e, imgs) if with_input else e
+
+class _Lowered:
+    "The score of a regression output `output`, negated: what lowers it"
+    def __init__(self, output:int): self.output = output
+    def __call__(self, o):
+        if not 0 <= self.output < o.shape[1]: raise IndexError(f"Output index {self.output} is out of range: the model has {o.shape[1]} output{'s' if o.shape[1] > 1 else ''}.")
+        return -o[:, self.output]
+
+def _one_output(p):
+    "A regression learner's default target: its output, when it has one"
+    if p.shape[1] == 1: return torch.zeros(len(p), dtype=torch.long, device=p.device)
+    raise ValueError(f"This regression learner has {p.shape[1]} outputs: pass `targets=i` (0 to {p.shape[1]-1}) to pick the one to explain.")
+
+def _regression(tg, sign, kwargs):
+    "Targets and options for a regression learner: no softmax (the raw outputs are scored), the single output by default, and its negation for `sign=-1`"
+    kwargs = {'act': _raw, **kwargs}
+    if sign == 1: return (_one_output if tg is None else tg), kwargs
+    if isinstance(tg, Tensor) and tg.ndim == 1 and len(tg.unique()) == 1: tg = int(tg[0])
+    if tg is None: tg = 0 # checked against the outputs below, as an index
+    if not isinstance(tg, int): raise ValueError("With `sign=-1`, pass one output index for all items (`targets=i`).")
+    return None, {**kwargs, 'score': _Lowered(tg)}
+
+def _raw(o): return o.float()
 
 # %% ../nbs/03_learner.ipynb #3a4ad6e4
 @patch
@@ -394,8 +434,13 @@ def no_evidence(
 def _cells(learn, e, probs):
     "(item, map, title) of each picture: the prediction's map, or for multi-label learners one per predicted label"
     res = []
-    multi = is_multilabel(learn) and e.preds.shape[1] > 1
+    multi, task = is_multilabel(learn) and e.preds.shape[1] > 1, task_of(learn)
     for i in range(len(e.preds)):
+        if task == 'regression':
+            t, neg = e.targets[i].item(), bool(e.negative[i])
+            what = ('what lowers ' if neg else '') + (f'output {t}' if e.preds.shape[1] > 1 else ('it' if neg else ''))
+            res.append((i, e.maps[i], f"prediction {e.preds[i, t].item():.3g}" + (f"\nmap of {what}" if what else "") + no_evidence(e.maps[i], what or 'it')))
+            continue
         if multi:
             pos = torch.where(probs[i] > thresh_of(learn))[0].tolist()
             if not pos:
@@ -454,6 +499,7 @@ def show_cam(self:Learner,
 ):
     "Draw `item` with its heatmap over it, titled with the prediction and its probability; returns the axes (a list of them for a multi-label learner)"
     if isinstance(item, (list, L)): raise TypeError("`show_cam` draws one item; for several, use `learn.show_cams`.")
+    if task_of(self) == 'segmentation': return _show_segmentation(self, item, target, method, layer, alpha, cmap, figsize, colorbar, **kwargs)
     (e, j, img, region), = _explain_shown(self, [item], None if target is None else [target], method, layer, original, **kwargs)
     e = e._replace(maps=e.maps[j:j+1], preds=e.preds[j:j+1], targets=e.targets[j:j+1], negative=e.negative[j:j+1])
     cells = _cells(self, e, probs_of(self, e.preds))
@@ -466,6 +512,22 @@ def show_cam(self:Learner,
     fig = heatmap_grid([img]*len(cells), [m for _, m, _ in cells], [t for *_, t in cells], nrows=1, figsize=figsize, suptitle=_where(e),
                        regions=[region]*len(cells), **kw)
     return show_once([a for a in fig.axes if a.get_images()])
+
+# %% ../nbs/03_learner.ipynb #54ef66af
+def _show_segmentation(learn, item, target, method, layer, alpha, cmap, figsize, colorbar, **kwargs):
+    "A segmentation learner's `show_cam`: the image, the predicted mask, and the map of the class (its region outlined), side by side"
+    import matplotlib.pyplot as plt
+    e, imgs = learn.explain([item], None if target is None else [target], method=method, layer=layer, with_input=True, warn_small=True, **kwargs)
+    img, pred, name = imgs[0], e.preds[0].argmax(0).cpu(), label_of(learn, e.targets[0].item())
+    fig, axs = plt.subplots(1, 3, figsize=figsize or (9, 3.4))
+    axs[0].imshow(img.permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy(), cmap='gray' if img.shape[0] == 1 else None); axs[0].set_title('image')
+    axs[1].imshow(pred.numpy(), cmap='tab10', vmin=0, vmax=9, interpolation='nearest')
+    axs[1].set_title('predicted mask' + (f"\n{name}: {(pred == e.targets[0].item()).float().mean():.0%} of pixels"))
+    show_heatmap(img, e.maps[0], ax=axs[2], alpha=alpha, cmap=cmap, colorbar=colorbar, title=f"map for {name}\n{_where(e)}", **color_range(kwargs.get('norm', 'image')))
+    axs[2].contour(e.regions[0].cpu().float().numpy(), levels=[.5], colors='cyan', linewidths=1)
+    for a in axs: a.axis('off')
+    fig.tight_layout()
+    return list(axs)
 
 # %% ../nbs/03_learner.ipynb #36f658e1
 @patch

@@ -66,12 +66,12 @@ class Occlusion(PerturbationMethod):
         masks, x = self._masks(ctx), ctx.x
         n, P = len(x), len(masks)
         base = torch.as_tensor(self.baseline, dtype=x.dtype, device=x.device)
-        probs = ctx.preds.new_zeros(n * P, ctx.preds.shape[1])
+        probs = ctx.preds.new_zeros(n * P, ctx.n_probs)
         for sl in ctx.chunks(n * P, 'occlusion'):
             idx = torch.arange(sl.start, sl.stop, device=x.device)
             b, p = idx // P, idx % P
             m = masks[p][:, None].to(x.dtype)
-            probs[sl] = ctx.probs(ctx.run(x[b] * (1 - m) + base * m))
+            probs[sl] = ctx.probs(ctx.run(x[b] * (1 - m) + base * m), b)
         ctx.cache['occlusion'] = (masks, probs.view(n, P, -1))
         return ctx.cache['occlusion']
 
@@ -197,14 +197,14 @@ class FeatureMaskMethod(PerturbationMethod):
             s = S_of[f].to(x.device)
             z[b, :len(s), :f], valid[b, :len(s)] = s, True
         base = torch.as_tensor(self.baseline, dtype=x.dtype, device=x.device)
-        probs = ctx.preds.new_zeros(B, S, ctx.preds.shape[1])
+        probs = ctx.preds.new_zeros(B, S, ctx.n_probs)
         sims = torch.zeros(B, S, device=x.device)
         pairs = torch.nonzero(valid)
         for sl in ctx.chunks(len(pairs), self.name):
             b, s = pairs[sl, 0], pairs[sl, 1]
             keep = z[b, s].gather(1, ids[b].flatten(1)).view(len(b), 1, *x.shape[-2:]).to(x.dtype)
             xs = x[b] * keep + base * (1 - keep)
-            probs[b, s] = ctx.probs(ctx.run(xs))
+            probs[b, s] = ctx.probs(ctx.run(xs), b)
             sims[b, s] = self.similarity(x[b], xs, z[b, s], nf[b])
         ctx.cache['features'] = (ids, nf, z, valid, probs, sims)
         return ctx.cache['features']

@@ -163,11 +163,7 @@ def _sensitive():
     return m
 
 
-# CAM weighs the channels by the head's row of each target (`w[ctx.targets]` in cam.CAM.weights): it reads the class itself
-# (its map is defined by the Linear head's weights, not by a score). Strict: when that changes, this mark must go.
-THROUGH_CONTEXT = [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="CAM indexes the head's weights by ctx.targets")) if n == 'cam' else n for n in METHODS]
-
-@pytest.mark.parametrize('name', THROUGH_CONTEXT)
+@pytest.mark.parametrize('name', METHODS) # CAM too: it weighs the head's rows by `ctx.output_grads`, the score's gradient
 def test_scores_read_only_through_the_context(name, monkeypatch):
     """A method reads the score it explains only through `Context.score` (what gradients differentiate) and `Context.probs` /
     `pick` / `prob` (what perturbations evaluate), never by indexing the model's output by class itself: with those made to

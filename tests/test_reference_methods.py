@@ -227,3 +227,29 @@ def test_randomcam_matches_pytorch_grad_cam_with_the_same_weights(setup, monkeyp
     theirs = _model(arch)
     full, raw = _pgc_run('RandomCAM', theirs, _pgc_layer(theirs, arch), x, tg)
     _same_as_pgc(m, x, tg, 'randomcam', full, raw, LAYERS[arch], seed=3)
+
+
+@pytest.mark.parametrize('kernel,gamma', [('sigmoid', None), ('rbf', 1e-3), ('poly', None)])
+def test_kpcacam_matches_pytorch_grad_cam(setup, kernel, gamma):
+    "KPCA-CAM: scikit-learn's kernel PCA through pytorch-grad-cam, up to the sign (an eigenvector's is arbitrary; scikit-learn makes the largest entry positive, we follow the mean activation)"
+    arch, m, x, tg = setup
+    theirs = _model(arch)
+    full, raw = _pgc_run('KPCA_CAM', theirs, _pgc_layer(theirs, arch), x, tg, kernel=kernel, gamma=gamma)
+    ours = heatmap(m, x, targets=tg, method='kpcacam', kernel=kernel, gamma=gamma, layer=LAYERS[arch], upsample=False, norm=None, relu=False)
+    _close(ours * torch.sign((ours * raw).flatten(1).sum(1))[:, None, None], raw, rtol=1e-4)
+
+
+def test_finercam_matches_pytorch_grad_cam(setup):
+    "Finer-CAM over Grad-CAM: pytorch-grad-cam picks the classes to compare with itself (`target_idx`, one call per sample)"
+    import numpy as np
+    pgc = pytest.importorskip('pytorch_grad_cam')
+    arch, m, x, tg = setup
+    theirs = _model(arch)
+    for alpha in (1., .6):
+        with pgc.FinerCAM(theirs, [_pgc_layer(theirs, arch)]) as cam:
+            raw, get = [], cam.base_cam.get_cam_image
+            cam.base_cam.get_cam_image = lambda *a, **k: raw.append(get(*a, **k)) or raw[-1]
+            full = [torch.from_numpy(cam(x[i:i+1], alpha=alpha, target_idx=c)) for i, c in enumerate(tg)]
+        _same_as_pgc(m, x, tg, 'finercam', torch.cat(full), torch.from_numpy(np.concatenate(raw)), LAYERS[arch], rtol=1e-4, alpha=alpha)
+    g = heatmap(m, x, targets=tg, method='gradcam', layer=LAYERS[arch], upsample=False, norm=None)
+    assert (heatmap(m, x, targets=tg, method='finercam', layer=LAYERS[arch], upsample=False, norm=None) - g).abs().max() > 1e-2 * g.abs().max()  # not Grad-CAM

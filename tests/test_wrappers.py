@@ -137,3 +137,159 @@ def test_interpolation_modes():
     torch.testing.assert_close(heatmap(m, x, method='gradcam', norm=None, interpolation='nearest'), raw.repeat_interleave(2, 1).repeat_interleave(2, 2))
     torch.testing.assert_close(heatmap(m, x, method='gradcam'), heatmap(m, x, method='gradcam', interpolation='bilinear'))
     with pytest.raises(ValueError, match="Unknown interpolation 'cubic'"): heatmap(m, x, interpolation='cubic')
+
+
+# ---------------------------------------------------------------------------------------------- eigen_smooth
+def _pgc_run(cls_name, model, layers, x, tg, eigen_smooth=False):
+    "pytorch-grad-cam's full-size maps, and its raw map for one layer (names in `model`)"
+    pgc = pytest.importorskip('pytorch_grad_cam')
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    mods = [model.get_submodule(l) for l in layers]
+    T = [ClassifierOutputTarget(c) for c in tg]
+    with getattr(pgc, cls_name)(model=model, target_layers=mods) as cam:
+        full = cam(input_tensor=x, targets=T, eigen_smooth=eigen_smooth)
+        if len(mods) > 1: return torch.from_numpy(full), None
+        ag = cam.activations_and_grads
+        acts, grads = ag.activations[0].numpy(), (ag.gradients[0].numpy() if ag.gradients else None)
+        raw = cam.get_cam_image(x, mods[0], T, acts, grads, eigen_smooth)
+    return torch.from_numpy(full), torch.from_numpy(raw)
+
+
+@pytest.mark.parametrize('name,cls', [('gradcam', 'GradCAM'), ('xgradcam', 'XGradCAM'), ('layercam', 'LayerCAM'), ('hirescam', 'HiResCAM')])
+def test_eigen_smooth_equals_pytorch_grad_cam(name, cls):
+    "eigen_smooth=True: the projection of the weighted activations w_k·A_k on their first principal component, as pytorch-grad-cam's get_2d_projection (its sign fixed by us, arbitrary in theirs)"
+    m, x, tg = _resnet(), torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2)), [1, 4, 7]
+    before = model_state(m)
+    ours_raw = heatmap(m, x, tg, method=name, layer='layer4', eigen_smooth=True, upsample=False, norm=None, relu=False)
+    ours = heatmap(m, x, tg, method=name, layer='layer4', eigen_smooth=True)
+    assert_same_state(before, model_state(m))
+    full, raw = _pgc_run(cls, _resnet(), ['layer4'], x, tg, eigen_smooth=True)
+    sign = torch.sign((ours_raw * raw).flatten(1).sum(1))
+    close_to(ours_raw * sign[:, None, None], raw, rtol=1e-4)
+    same = sign > 0  # where the signs agree, the full-size maps too (ReLU, min-max, cv2's bilinear resize)
+    if same.any(): assert (ours[same] - full[same]).abs().max() < 1e-3
+    assert not torch.allclose(ours_raw, heatmap(m, x, tg, method=name, layer='layer4', upsample=False, norm=None, relu=False), atol=1e-3 * ours_raw.abs().max())
+
+
+@pytest.mark.parametrize('name', METHODS)
+def test_eigen_smooth_on_every_method(name):
+    "Every method: eigen_smooth=True works (CAM methods that weight their activations) or says clearly why not and which methods it applies to"
+    m, x = _small(), _x(2, 16)
+    before = model_state(m)
+    if core._eigen_ok(get_method(name)):
+        e = _run(m, x, name, eigen_smooth=True, norm=None)
+        assert e.maps.shape == (2, 16, 16) and torch.isfinite(e.maps).all()
+        # the projection, by hand, of the weights' activations: per sample, (hw, K) centred, onto its first right singular vector
+        assert e.maps.abs().max() > 0
+    else:
+        with pytest.raises(ValueError, match='Methods it applies to: gradcam, '): _run(m, x, name, eigen_smooth=True)
+    assert_same_state(before, model_state(m))
+
+
+def test_eigen_smooth_by_hand():
+    "On Grad-CAM: the first principal component of mean(∂y/∂A)·A over positions, centred; with the sign rule of Eigen-CAM"
+    from fastai_heatmap.cam import first_component
+    m, x = _small().eval(), _x(2, 16)
+    ours = heatmap(m, x, targets=[0, 2], method='gradcam', layer='conv4', eigen_smooth=True, upsample=False, norm=None, relu=False)
+    box = []
+    h = m.conv4.register_forward_hook(lambda mod, i, o: box.append(o))
+    out = m(x)
+    h.remove()
+    a = box[0]
+    g = torch.autograd.grad(out[[0, 1], [0, 2]].sum(), a)[0]
+    a = a.detach()
+    wa = g.mean((2, 3))[:, :, None, None] * a
+    mat = wa.flatten(2).transpose(1, 2)
+    mat = mat - mat.mean(1, keepdim=True)
+    v = torch.linalg.svd(mat, full_matrices=False).Vh[:, 0]
+    p = torch.einsum('bnk,bk->bn', mat, v).view(2, 8, 8)
+    close_to(ours * torch.sign((ours * p).flatten(1).sum(1))[:, None, None], p, rtol=1e-4)
+    close_to(ours, first_component(wa), rtol=1e-4)
+    for bad, msg in (('saliency', 'works on the input'), ('eigencam', 'already the first principal component'), ('dff', 'its map is its own')):
+        with pytest.raises(ValueError, match=msg): heatmap(m, x, method=bad, eigen_smooth=True)
+    with pytest.raises(TypeError, match='True or False'): heatmap(m, x, eigen_smooth='yes')
+
+
+# ---------------------------------------------------------------------------------------------- several layers
+@pytest.mark.parametrize('name,cls', [('gradcam', 'GradCAM'), ('layercam', 'LayerCAM'), ('gradcam++', 'GradCAMPlusPlus')])
+def test_fused_layers_equal_pytorch_grad_cam(name, cls):
+    "layer=['layer3', 'layer4'] = pytorch-grad-cam's target_layers=[layer3, layer4]: per layer ReLU, min-max, resize to the input; their mean; min-max"
+    scale = 1e3 if name == 'gradcam++' else 1.  # its eps = 1e-6 in α's denominator: large scores, as in test_reference_methods
+    def model():
+        m = _resnet()
+        with torch.no_grad(): m.fc.weight.mul_(scale); m.fc.bias.mul_(scale)
+        return m
+    m, x, tg = model(), torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(3)), [2, 5, 8]
+    before = model_state(m)
+    e = explain(m, x, tg, method=name, layer=['layer3', 'layer4'])
+    assert_same_state(before, model_state(m))
+    full, _ = _pgc_run(cls, model(), ['layer3', 'layer4'], x, tg)
+    assert e.maps.shape == full.shape and (e.maps - full).abs().max() < 1e-3
+    single, _ = _pgc_run(cls, model(), ['layer4'], x, tg)
+    assert (e.maps - single).abs().max() > 1e-2  # the fusion did something
+    assert e.layer == 'layer3 + layer4' and e.layer_size == (4, 4)
+
+
+def test_fused_layers_by_hand():
+    "The rule on the layers' own maps; upsample=False fuses at the largest layer's size; one layer in a list is that layer; bad lists are refused"
+    m, x = _small(), _x(2, 16)
+    raws = [heatmap(m, x, method='gradcam', layer=l, upsample=False, norm=None) for l in ('conv1', 'conv4')]
+    norm = [core.normalize_maps(r) for r in raws]
+    ref = core.normalize_maps((norm[0] + F.interpolate(norm[1][:, None], size=(16, 16), mode='bilinear', align_corners=False)[:, 0]) / 2)
+    close_to(heatmap(m, x, method='gradcam', layer=['conv1', 'conv4']), ref)
+    close_to(heatmap(m, x, method='gradcam', layer=['conv1', 'conv4'], upsample=False), ref)  # conv1 is at the input's size
+    raws = [heatmap(m, x, method='gradcam', layer=l, upsample=False, norm=None) for l in ('conv2', 'conv4')]
+    torch.testing.assert_close(heatmap(m, x, method='gradcam', layer=['conv2', 'conv4'], upsample=False, norm=None), (core.normalize_maps(raws[0]) + core.normalize_maps(raws[1])) / 2)
+    torch.testing.assert_close(heatmap(m, x, method='gradcam', layer=['conv4']), heatmap(m, x, method='gradcam', layer='conv4'))
+    with pytest.raises(ValueError, match='empty list'): heatmap(m, x, layer=[])
+    with pytest.raises(ValueError, match='takes no layer'): heatmap(m, x, method='saliency', layer=['conv1', 'conv4'])
+    with pytest.raises(ValueError, match="no layer named 'conv9'"): heatmap(m, x, layer=['conv1', 'conv9'])
+
+
+@pytest.mark.parametrize('name', [n for n in METHODS if get_method(n).uses_layer and n != 'cam'])  # CAM exists only at the layer before the pooling: one layer
+def test_every_layer_method_fuses_layers(name):
+    m, x = _small(), _x(2, 16)
+    before = model_state(m)
+    e = _run(m, x, name, layer=['conv2', 'conv4'], norm=None)
+    assert e.maps.shape == (2, 16, 16) and torch.isfinite(e.maps).all() and e.maps.max() <= 1 + 1e-6
+    assert_same_state(before, model_state(m))
+
+
+# ---------------------------------------------------------------------------------------------- aug_smooth
+def _mirror_model(seed=0):
+    "A fixed CNN that commutes with the horizontal flip: every kernel symmetric left-right, stride 1, an even pooling, global average"
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        for c in (m[0], m[3]): c.weight.copy_((c.weight + c.weight.flip(-1)) / 2)
+    return m
+
+
+def test_aug_smooth_flips_map_back_exactly():
+    "On a mirror-symmetric model the flipped map of the flipped image is the image's map, so aug_smooth=True changes nothing; on any model it is the mean of the two maps"
+    m, x = _mirror_model(), _x(2, 16)
+    for name in ('gradcam', 'saliency', 'occlusion'):
+        kw = fast_options(name)
+        plain = heatmap(m, x, method=name, **kw)
+        torch.testing.assert_close(heatmap(m, x.flip(-1), method=name, **kw).flip(-1), plain, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(heatmap(m, x, method=name, aug_smooth=True, **kw), plain, rtol=1e-4, atol=1e-5)
+    s, x = _small(), _x(2, 16)
+    e = explain(s, x, method='gradcam', norm=None)
+    flipped = explain(s, x.flip(-1), e.targets, method='gradcam', norm=None).maps.flip(-1)
+    assert (flipped - e.maps).abs().max() > 1e-2 * e.maps.abs().max()  # not symmetric: the mean is not the map
+    close_to(heatmap(s, x, method='gradcam', aug_smooth=True), core.normalize_maps((e.maps + flipped) / 2))
+    torch.testing.assert_close(heatmap(s, x, method='gradcam', aug_smooth=[(lambda t: t, lambda t: t)]), heatmap(s, x, method='gradcam'))
+    with pytest.raises(TypeError, match='list of \\(augment, map back\\) pairs'): heatmap(s, x, aug_smooth='flip')
+
+
+@pytest.mark.parametrize('name', METHODS)
+def test_every_method_takes_aug_smooth(name):
+    "Every method: aug_smooth of the mirrored batch is the mirrored aug_smooth (the same two maps, exactly), and the model comes back unchanged"
+    m, x = _small(), _x(2, 16)
+    before = model_state(m)
+    a = _run(m, x, name, aug_smooth=True).maps
+    b = _run(m, x.flip(-1), name, aug_smooth=True).maps
+    assert a.shape[0] == 2 and a.shape[-2:] == (16, 16) and torch.isfinite(a).all()
+    torch.testing.assert_close(b, a.flip(-1), rtol=1e-5, atol=1e-6)
+    assert_same_state(before, model_state(m))
