@@ -160,6 +160,7 @@ class FinerCAM(LayerMethod):
         if not isinstance(compare, int) or isinstance(compare, bool) or compare < 1: raise ValueError(f"`compare` should be an int ≥ 1; got {compare!r}.")
         self.alpha, self.compare = alpha, compare
     def score(self, ctx):
+        if ctx.scores is not None: raise ValueError("method='finercam' compares the target class with the classes whose logits are closest to it, so it explains class targets of a classifier: pass `targets=`, not `score=` (nor a segmentation model).")
         "The score whose gradient weighs the channels: the target's against its nearest classes (the target's own, for a single output)"
         y, n = ctx.score(ctx.out).float(), min(self.compare, ctx.preds.shape[1] - 1)
         if n == 0: return y

@@ -518,11 +518,12 @@ def _show_segmentation(learn, item, target, method, layer, alpha, cmap, figsize,
     "A segmentation learner's `show_cam`: the image, the predicted mask, and the map of the class (its region outlined), side by side"
     import matplotlib.pyplot as plt
     e, imgs = learn.explain([item], None if target is None else [target], method=method, layer=layer, with_input=True, warn_small=True, **kwargs)
-    img, pred, name = imgs[0], e.preds[0].argmax(0).cpu(), label_of(learn, e.targets[0].item())
+    img, pred, name = imgs[0], e.preds[0].argmax(0).cpu().as_subclass(Tensor), label_of(learn, e.targets[0].item())
     fig, axs = plt.subplots(1, 3, figsize=figsize or (9, 3.4))
-    axs[0].imshow(img.permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy(), cmap='gray' if img.shape[0] == 1 else None); axs[0].set_title('image')
+    im = img.float() / (255 if img.max() > 1 else 1) # decoded pixels: 0 to 255 (or 0 to 1)
+    axs[0].imshow(im.permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy(), cmap='gray' if img.shape[0] == 1 else None); axs[0].set_title('image')
     axs[1].imshow(pred.numpy(), cmap='tab10', vmin=0, vmax=9, interpolation='nearest')
-    axs[1].set_title('predicted mask' + (f"\n{name}: {(pred == e.targets[0].item()).float().mean():.0%} of pixels"))
+    axs[1].set_title('predicted mask' + (f"\n{name}: {(pred == e.targets[0].item()).float().mean().item():.0%} of pixels"))
     show_heatmap(img, e.maps[0], ax=axs[2], alpha=alpha, cmap=cmap, colorbar=colorbar, title=f"map for {name}\n{_where(e)}", **color_range(kwargs.get('norm', 'image')))
     axs[2].contour(e.regions[0].cpu().float().numpy(), levels=[.5], colors='cyan', linewidths=1)
     for a in axs: a.axis('off')
