@@ -8,7 +8,7 @@ Docs: https://fastai-heatmap.github.io/fastai_heatmap/all.html.md"""
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #6de90e64
-from . import hooks, data, pretrained, core, cam, gradients, perturbation, draw, concepts, learner, inside, metrics, faithfulness, callback, interpret, report, distributed
+from . import hooks, data, pretrained, core, cam, gradients, perturbation, draw, concepts, learner, inside, metrics, faithfulness, callback, explore, interpret, report, distributed
 from .hooks import *
 from .data import *
 from .pretrained import *
@@ -23,7 +23,8 @@ from .inside import *
 from .metrics import *
 from .faithfulness import *
 from .callback import *
+from .explore import *
 from .interpret import *
 from .report import *
 from .distributed import *
-__all__ = hooks.__all__ + data.__all__ + pretrained.__all__ + core.__all__ + cam.__all__ + gradients.__all__ + perturbation.__all__ + draw.__all__ + concepts.__all__ + learner.__all__ + inside.__all__ + metrics.__all__ + faithfulness.__all__ + callback.__all__ + interpret.__all__ + report.__all__ + distributed.__all__
+__all__ = hooks.__all__ + data.__all__ + pretrained.__all__ + core.__all__ + cam.__all__ + gradients.__all__ + perturbation.__all__ + draw.__all__ + concepts.__all__ + learner.__all__ + inside.__all__ + metrics.__all__ + faithfulness.__all__ + callback.__all__ + explore.__all__ + interpret.__all__ + report.__all__ + distributed.__all__

@@ -13,7 +13,7 @@ import matplotlib
 from torch import nn, Tensor
 from fastai.vision.data import get_grid
 from .core import *
-from .draw import show_heatmap
+from .draw import show_heatmap, show_once
 
 # %% auto #0
 __all__ = ['nmf', 'Concepts', 'DeepFeatureFactorization', 'factorize', 'concept_colors', 'concept_labels', 'show_concepts',
@@ -89,6 +89,7 @@ class Concepts(NamedTuple):
     probs: Tensor # The same as probabilities (B, K, n_classes)
     layer: str # The layer factorized
     preds: Tensor # The model's outputs for the images (B, n_classes)
+    def __repr__(self): return data_repr(self)
 
 
 @register_method('dff', 'deep_feature_factorization', 'deepfeaturefactorization')
@@ -220,4 +221,4 @@ def concepts_grid(
     fig, axs = get_grid(len(c.maps), nrows=nrows, ncols=ncols, figsize=figsize, title=suptitle, return_fig=True)
     for ax, img, m, p in zip(axs, imgs, c.maps, c.probs):
         show_concepts(img, m, concept_labels(p, vocab, top_k), ax=ax, **kwargs)
-    return fig
+    return show_once(fig)

@@ -24,7 +24,7 @@ __all__ = ['smooth_types', 'interpolations', 'delegates_kept', 'eval_mode', 'unw
            'default_layer', 'resolve_layer', 'resolve_targets', 'resolve_regions', 'score_of', 'region_scores',
            'normalize_maps', 'Method', 'Context', 'ReplaceOutput', 'MapLayout', 'map_layout', 'LayerMethod',
            'reduce_channels', 'InputGradientMethod', 'PerturbationMethod', 'register_method', 'method_names',
-           'get_method', 'list_methods', 'Explanation', 'upsample_maps', 'explain', 'heatmap']
+           'get_method', 'list_methods', 'brief', 'data_repr', 'Explanation', 'upsample_maps', 'explain', 'heatmap']
 
 # %% ../nbs/02_core.ipynb #5b6c7d8e
 def delegates_kept(
@@ -629,6 +629,20 @@ def list_methods()->pd.DataFrame:
         rows.append(dict(name=cls.name, family=cls.family, paper=cls.paper, cost=cls.cost, options=opts))
     return pd.DataFrame(rows)
 
+# %% ../nbs/02_core.ipynb #472f53af
+def brief(v)->str:
+    "`v` in a few characters, for the reprs of results: a tensor by its shape and dtype (its values when it has at most 6), a long list by its first items and length"
+    if isinstance(v, Tensor):
+        if v.numel() <= 6: return repr([round(x, 4) if isinstance(x, float) else x for x in v.flatten().tolist()]) if v.ndim else brief(v.item())
+        return f"({', '.join(map(str, v.shape))}) {str(v.dtype).replace('torch.', '')}"
+    if isinstance(v, float): return f"{v:.4g}"
+    if isinstance(v, (list, tuple)) and len(v) > 6: return f"[{', '.join(map(repr, v[:4]))}, … {len(v)} in all]"
+    return repr(v)
+
+def data_repr(o)->str:
+    "A result (a `NamedTuple` of tensors) in a line: its class and each field `brief`, never a dump of its values"
+    return f"{type(o).__name__}({', '.join(f'{k}={brief(v)}' for k, v in zip(o._fields, o))})"
+
 # %% ../nbs/02_core.ipynb #8a9b95b6
 class Explanation(NamedTuple):
     "What `explain` computes for a batch"
@@ -640,6 +654,7 @@ class Explanation(NamedTuple):
     negative: Tensor|None = None # Which maps explain the negative side of a single-logit model (like `targets`)
     method: str = '' # The method's name
     regions: Tensor|None = None # For segmentation outputs: the pixels whose scores each map explains, bool (B, H, W) (or (B, T, H, W), like `maps`)
+    def __repr__(self): return data_repr(self) # shapes, not values: a cell's value reads in a line
 
 def _check_model(model):
     if isinstance(model, nn.Module): return

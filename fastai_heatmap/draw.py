@@ -6,11 +6,13 @@ Docs: https://fastai-heatmap.github.io/fastai_heatmap/draw.html.md"""
 
 # %% ../nbs/02d_draw.ipynb #4c5d6ccc
 from __future__ import annotations
-import functools
+import base64, functools, html, io
 import numpy as np, torch
 import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.axes import Axes
+import matplotlib.pyplot as plt
 from matplotlib.image import resample, NEAREST, BILINEAR
 from matplotlib.transforms import Affine2D
 from torch import Tensor
@@ -18,7 +20,61 @@ from fastai.torch_core import show_image, to_np
 from fastai.vision.data import get_grid
 
 # %% auto #0
-__all__ = ['color_range', 'show_heatmap', 'heatmap_grid', 'heatmap_overlay']
+__all__ = ['HeatmapFigure', 'HeatmapAxes', 'AxesList', 'show_once', 'figure_html', 'color_range', 'show_heatmap', 'heatmap_grid',
+           'heatmap_overlay']
+
+# %% ../nbs/02d_draw.ipynb #b081e28e
+def _display_figure(fig):
+    "Publish `fig` in the notebook in the formats the inline backend shows figures in, then take it off pyplot's list of open figures, so that the backend does not draw it a second time at the end of the cell"
+    from IPython import get_ipython # only a notebook (IPython) calls this
+    from IPython.display import publish_display_data
+    ip, data, md = get_ipython(), {}, {}
+    for mime, f in (ip.display_formatter.formatters.items() if ip is not None else ()):
+        r = f(fig)
+        if isinstance(r, tuple): r, md[mime] = r
+        if r is not None: data[mime] = r
+    if len(data) <= 1: # no picture format (no `%matplotlib inline`): the figure's backend shows it its own way
+        if data: publish_display_data(data, md)
+        return
+    plt.close(fig)
+    publish_display_data(data, md)
+
+class _ShowsFigure:
+    "In a notebook, displays as its figure, once (see `show_once`)"
+    def _ipython_display_(self): _display_figure(self._fig())
+
+class HeatmapFigure(_ShowsFigure, Figure):
+    "A matplotlib `Figure` whose notebook display is itself, shown once (what drawing calls return)"
+    def _fig(self): return self
+
+class HeatmapAxes(_ShowsFigure, Axes):
+    "A matplotlib `Axes` whose notebook display is its figure, shown once, instead of `<Axes: …>` under the picture"
+    def _fig(self): return self.figure.figure
+
+class AxesList(_ShowsFigure, list):
+    "The axes a call drew on, as a list; its notebook display is their figure, shown once"
+    def _fig(self): return self[0].figure.figure
+
+def show_once(
+    o, # What a drawing call drew: a `Figure`, an `Axes`, or a list of axes of one figure
+):
+    "Mark `o` so that a notebook shows its figure exactly once, whether it ends the cell or not; returns `o`, still the figure or the axes (a list of axes as an `AxesList`)"
+    if type(o) is Figure: o.__class__ = HeatmapFigure # the same object: only its notebook display changes
+    elif type(o) is Axes: o.__class__ = HeatmapAxes
+    elif isinstance(o, (list, tuple)) and len(o) and all(isinstance(a, Axes) for a in o): o = AxesList(show_once(a) for a in o)
+    return o
+
+# %% ../nbs/02d_draw.ipynb #25a90ba6
+def figure_html(
+    fig, # A figure (closed here)
+    caption:str='', # A line of text above it
+)->str:
+    "`fig` as HTML, a PNG `<img>` under `caption`: the notebook view of results whose natural view is a picture"
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', bbox_inches='tight')
+    plt.close(fig)
+    img = f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}" alt="{html.escape(caption, quote=True)}"/>'
+    return (f'<p><code>{html.escape(caption)}</code></p>' if caption else '') + img
 
 # %% ../nbs/02d_draw.ipynb #cf2c3cba
 def color_range(
@@ -59,7 +115,7 @@ def show_heatmap(
     im = ax.imshow(hm, alpha=alpha, extent=ext, cmap=cmap, interpolation=interpolation, vmin=vmin, vmax=vmax)
     ax.set_xlim(full[:2]); ax.set_ylim(full[2:]) # the part of the map outside the image (padding) is not drawn
     if colorbar: ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    return ax
+    return show_once(ax)
 
 # %% ../nbs/02d_draw.ipynb #cbe5d752
 def heatmap_grid(
@@ -76,7 +132,7 @@ def heatmap_grid(
     fig, axs = get_grid(len(maps), nrows=nrows, ncols=ncols, figsize=figsize, title=suptitle, return_fig=True)
     for ax, img, hm, title, reg in zip(axs, imgs, maps, titles or [None]*len(maps), regions or [None]*len(maps)):
         show_heatmap(img, hm, ax=ax, title=title, region=reg, **kwargs)
-    return fig
+    return show_once(fig)
 
 # %% ../nbs/02d_draw.ipynb #9f3b6a09
 def _pixel_for_pixel(n_out:int, n_in:int)->bool:

@@ -18,6 +18,7 @@ from fastprogress.fastprogress import progress_bar
 from .core import *
 from .learner import *
 from .metrics import deletion_curves, curve_auc
+from .draw import show_once
 
 # %% auto #0
 __all__ = ['noisy_linear_imputation', 'ROAD', 'road', 'ConfidenceChange', 'confidence_change', 'infidelity_perturbations',
@@ -125,6 +126,7 @@ class ROAD(NamedTuple):
     morf: Tensor
     lerf: Tensor
     percentiles: tuple # At percentile p, p % of the pixels are kept
+    def __repr__(self): return data_repr(self)
     @property
     def morf_score(self)->Tensor:
         "The mean change of probability when the most relevant pixels are removed (B,): pytorch-grad-cam's `ROADMostRelevantFirstAverage` (lower is better)"
@@ -170,6 +172,7 @@ class ConfidenceChange(NamedTuple):
     "The class's probability for each image (B,): unchanged, and with the image multiplied by its map"
     before: Tensor
     after: Tensor
+    def __repr__(self): return data_repr(self)
     @property
     def drop(self)->Tensor:
         "max(0, before − after) / before (B,): its mean is the average drop of Chattopadhay et al. 2018 (×100 for their %; lower is better)"
@@ -474,4 +477,4 @@ def plot_faithfulness(
     ax.set_yticks(range(n), list(table.index), fontsize=8)
     ax.tick_params(length=0, top=True, bottom=False, labeltop=True, labelbottom=False)
     ax.set_title(title or "Each column coloured by rank, bright is best (↑ higher is better, ↓ lower);\nmethods from the best mean rank over the metrics", fontsize=9)
-    return ax
+    return show_once(ax)

@@ -85,7 +85,7 @@ def show_conv(
     show_image(pix[..., 0] if x.shape[0] == 1 else pix, ax=axs[0], title=f"input {x.shape[-2]}×{x.shape[-1]}", **({'cmap': 'gray'} if x.shape[0] == 1 else {}))
     name = kernel if isinstance(kernel, str) else f"{k.shape[0]}×{k.shape[1]} kernel"
     show_image(to_np(out), ax=axs[1], cmap=cmap, title=f"{name}: output {out.shape[0]}×{out.shape[1]}")
-    return axs
+    return show_once(axs)
 
 # %% ../nbs/03a_inside.ipynb #8495d790
 def _has_kernels(m:nn.Module)->bool: return isinstance(getattr(m, 'weight', None), Tensor) and m.weight.ndim == 4
@@ -159,7 +159,7 @@ def show_filters(self:Learner,
         show_image(to_np(tiles[i]), ax=ax, interpolation='nearest', **kw)
         ax.set_title(str(i), fontsize=9, pad=2)
     fig.tight_layout()
-    return fig
+    return show_once(fig)
 
 # %% ../nbs/03a_inside.ipynb #2af4ce8b
 def _one_batch(learn:Learner, item)->Tensor:
@@ -208,7 +208,7 @@ def show_feature_maps(self:Learner,
         show_image(to_np(a[c]), ax=ax, cmap=cmap, interpolation='nearest')
         ax.set_title(str(c), fontsize=9, pad=2)
     fig.tight_layout()
-    return fig
+    return show_once(fig)
 
 # %% ../nbs/03a_inside.ipynb #e24a8c2b
 def total_variation(

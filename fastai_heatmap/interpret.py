@@ -226,6 +226,8 @@ class ClassHeatmaps(NamedTuple):
     target: str # Whether items were grouped by their 'actual' or 'pred'icted class
     border: float # Width of the border band, as a fraction of each side
     layer: str|None = None # The layer the maps come from
+    def __repr__(self): return data_repr(self)
+    def _repr_html_(self): return figure_html(self.show(), repr(self)) # in a notebook: the line, and the picture
 
     def show(self,
         alpha:float=0.6, # Opacity of the heatmaps
@@ -349,7 +351,7 @@ def plot_confused_heatmaps(self:HeatmapInterpretation,
     if not pairs:
         fig = plt.figure(figsize=figsize or (5, 1))
         fig.text(0.5, 0.5, f"No pair of classes is confused {min_val} time{'s' if min_val > 1 else ''} or more.", ha='center', va='center')
-        return fig
+        return show_once(fig)
     dec, targs = self._decoded()
     o2i = {str(c): i for i, c in enumerate(self.vocab)}
     groups = [torch.where((targs.flatten() == o2i[str(a)]) & (dec.flatten() == o2i[str(p)]))[0] for a, p, _ in pairs]

@@ -511,7 +511,7 @@ def show_cam(self:Learner,
         return ax
     fig = heatmap_grid([img]*len(cells), [m for _, m, _ in cells], [t for *_, t in cells], nrows=1, figsize=figsize, suptitle=_where(e),
                        regions=[region]*len(cells), **kw)
-    return [a for a in fig.axes if a.get_images()]
+    return show_once([a for a in fig.axes if a.get_images()])
 
 # %% ../nbs/03_learner.ipynb #54ef66af
 def _show_segmentation(learn, item, target, method, layer, alpha, cmap, figsize, colorbar, **kwargs):
