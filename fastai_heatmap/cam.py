@@ -13,8 +13,7 @@ from .core import *
 
 # %% auto #0
 __all__ = ['GradCAM', 'CAM', 'GradCAMpp', 'XGradCAM', 'LayerCAM', 'HiResCAM', 'GradCAMElementWise', 'ShapleyCAM', 'FinerCAM',
-           'ScoreCAM', 'AblationCAM', 'first_component', 'EigenCAM', 'EigenGradCAM', 'kernel_component', 'KPCACAM',
-           'RandomCAM']
+           'ScoreCAM', 'AblationCAM', 'EigenCAM', 'EigenGradCAM', 'kernel_component', 'KPCACAM', 'RandomCAM']
 
 # %% ../nbs/02a_cam.ipynb #0bee0a3c
 @register_method('gradcam', 'grad-cam')
@@ -223,22 +222,6 @@ class AblationCAM(LayerMethod):
         return w
 
 # %% ../nbs/02a_cam.ipynb #5abf9b80
-def first_component(
-    a:Tensor, # Feature maps (B, K, h, w)
-)->Tensor:
-    """Projection (B, h, w) of each sample's centred feature vectors (one per position) onto their first principal component v, signed to correlate
-    positively with the mean over channels (Σ_k v_k > 0); where that mean is the same at every position (after a LayerNorm over channels), so that
-    v ⟂ (1, …, 1) and the correlation is rounding noise, signed so that the projection's value of largest magnitude is positive"""
-    b, k, h, w = a.shape
-    m = a.flatten(2).transpose(1, 2) # (B, hw, K)
-    m = m - m.mean(1, keepdim=True)
-    v = torch.linalg.svd(m, full_matrices=False).Vh[:, 0] # (B, K)
-    p = torch.einsum('bnk,bk->bn', m, v)
-    cos = v.sum(1) / k**.5 # the cosine of v with the all-ones direction: the correlation of p with the mean over channels has its sign
-    peak = p.gather(1, p.abs().argmax(1, keepdim=True))[:, 0]
-    sign = torch.where(cos.abs() > 1e-5, cos, peak)
-    return (p * torch.where(sign < 0, -1., 1.)[:, None]).view(b, h, w)
-
 @register_method('eigencam', 'eigen-cam')
 class EigenCAM(LayerMethod):
     """Eigen-CAM, Muhammad & Yeasin 2020, 'Eigen-CAM: Class Activation Map using Principal Components':

@@ -22,9 +22,10 @@ from .hooks import *
 # %% auto #0
 __all__ = ['smooth_types', 'interpolations', 'delegates_kept', 'eval_mode', 'unwrap_model', 'is_fastai_unet', 'layer_shapes',
            'default_layer', 'resolve_layer', 'resolve_targets', 'resolve_regions', 'score_of', 'region_scores',
-           'normalize_maps', 'Method', 'Context', 'ReplaceOutput', 'MapLayout', 'map_layout', 'LayerMethod',
-           'reduce_channels', 'InputGradientMethod', 'PerturbationMethod', 'register_method', 'method_names',
-           'get_method', 'list_methods', 'brief', 'data_repr', 'Explanation', 'upsample_maps', 'explain', 'heatmap']
+           'normalize_maps', 'Method', 'Context', 'ReplaceOutput', 'first_component', 'MapLayout', 'map_layout',
+           'LayerMethod', 'reduce_channels', 'InputGradientMethod', 'PerturbationMethod', 'register_method',
+           'method_names', 'get_method', 'list_methods', 'brief', 'data_repr', 'Explanation', 'upsample_maps',
+           'explain', 'heatmap']
 
 # %% ../nbs/02_core.ipynb #5b6c7d8e
 def delegates_kept(
@@ -432,6 +433,24 @@ class ReplaceOutput:
         if self.had: self.m.forward = self.old
         else: del self.m.forward
 
+# %% ../nbs/02_core.ipynb #f1c0a7e5
+def first_component(
+    a:Tensor, # Feature maps (B, K, h, w)
+)->Tensor:
+    """Projection (B, h, w) of each sample's centred feature vectors (one per position) onto their first principal component v, signed to correlate
+    positively with the mean over channels (Σ_k v_k > 0); where that mean is the same at every position (after a LayerNorm over channels), so that
+    v ⟂ (1, …, 1) and the correlation is rounding noise, signed so that the projection's value of largest magnitude is positive"""
+    b, k, h, w = a.shape
+    m = a.flatten(2).transpose(1, 2) # (B, hw, K)
+    m = m - m.mean(1, keepdim=True)
+    v = torch.linalg.svd(m, full_matrices=False).Vh[:, 0] # (B, K)
+    p = torch.einsum('bnk,bk->bn', m, v)
+    cos = v.sum(1) / k**.5 # the cosine of v with the all-ones direction: the correlation of p with the mean over channels has its sign
+    peak = p.gather(1, p.abs().argmax(1, keepdim=True))[:, 0]
+    sign = torch.where(cos.abs() > 1e-5, cos, peak)
+    return (p * torch.where(sign < 0, -1., 1.)[:, None]).view(b, h, w)
+
+
 # %% ../nbs/02_core.ipynb #3f0cc0a1
 def _layer_map(h:ActivationHook, ctx)->tuple:
     "The activation stored by `h` and its `MapLayout`, checked to be a spatial map"
@@ -524,7 +543,6 @@ class LayerMethod(Method):
     def map(self, ctx):
         w = self.weights(ctx).float()
         if ctx.eigen_smooth: # pytorch-grad-cam's `eigen_smooth`: the first principal component of the weighted activations w_k A_k
-            from .cam import first_component # the CAM family's rule (Eigen-CAM's), loaded with the built-in methods
             return first_component(w[:, :, None, None] * ctx.acts if w.ndim == 2 else w * ctx.acts)
         return self.combine(ctx, w)
 
