@@ -141,6 +141,10 @@ class ShapleyCAM(LayerMethod):
     w_k = mean_ij (∂y_c/∂A − ½ H·A)_k(i,j), with H·A the product of the Hessian of y_c with respect to A and A itself
     (the second-order term of each channel's Shapley value); Grad-CAM where the model after the layer is piecewise linear"""
     family, paper, cost = 'cam', 'Cai 2025', '1 forward + 2 backwards to the layer'
+    def forward(self, ctx):
+        "The forward recorded with PyTorch's math attention: the fused (flash) attention kernels have no second derivative, which H·A needs"
+        from torch.nn.attention import sdpa_kernel, SDPBackend
+        with sdpa_kernel(SDPBackend.MATH): return super().forward(ctx)
     def weights(self, ctx):
         g, hvp = _grad_and_hvp(ctx)
         return (g - .5*hvp).mean((2, 3))

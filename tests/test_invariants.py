@@ -100,7 +100,10 @@ def test_grad_modes_frozen_channels_last(name):
     torch.testing.assert_close(_run(model, x, name), ref)
     model.requires_grad_(True)
     cl = _small().eval().to(memory_format=torch.channels_last)
-    torch.testing.assert_close(_run(cl, x.to(memory_format=torch.channels_last), name), ref, rtol=1e-4, atol=1e-4)
+    # channels_last convolutions round differently (~1e-7); Kernel SHAP solves a weighted least squares over a few coalitions, whose
+    # condition number carries that to ~1e-3 of the map (seen: 4 of 512 values 1.9e-4 apart); a layout bug would move whole maps
+    tol = dict(rtol=1e-2, atol=1e-3) if name == 'kernelshap' else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_run(cl, x.to(memory_format=torch.channels_last), name), ref, **tol)
 
 
 @pytest.mark.parametrize('name', METHODS)
