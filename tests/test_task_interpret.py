@@ -162,3 +162,40 @@ def test_regression_plot_top_losses(reg12):
     with pytest.raises(TypeError, match='for classifiers; this is a regression learner'): interp.class_heatmaps()
     with pytest.raises(TypeError, match='for classifiers'): interp.confusion_matrix()
     with pytest.raises(ValueError, match="output with the largest error"): interp.plot_top_losses(2, target='both')
+
+
+# ------------------------------------------------------------------------------------------------ the command line on a segmentation learner
+def _mask_file(f): return f.parent.parent/'masks'/f.name # module level: the exported learner pickles it
+
+
+def test_cli_explain_segmentation(tmp_path):
+    "`fastai-heatmap explain` on an exported unet_learner: per image, a PNG and a .npy for each class it predicts (found by hand), each the class's map over its predicted pixels"
+    from PIL import Image
+    from fastai.vision.all import get_image_files, load_learner
+    from fastai_heatmap.cli import main
+    imgs, masks = shapes_data(6)
+    for d in ('images', 'masks'): (tmp_path/d).mkdir()
+    for i, (im, m) in enumerate(zip(imgs, masks)):
+        Image.fromarray(im).save(tmp_path/'images'/f'{i}.png'); Image.fromarray(m).save(tmp_path/'masks'/f'{i}.png')
+    dblock = DataBlock(blocks=(ImageBlock, MaskBlock(codes=CODES)), get_items=get_image_files, get_y=_mask_file, splitter=RandomSplitter(seed=0))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        learn = unet_learner(dblock.dataloaders(tmp_path/'images', bs=2, num_workers=0), resnet18, pretrained=False, n_out=3)
+    learn.export(tmp_path/'seg.pkl')
+    files = sorted((tmp_path/'images').glob('*.png'))[:3]
+    assert main(['explain', str(tmp_path/'seg.pkl'), *map(str, files), '--out', str(tmp_path/'out'), '--maps']) == 0
+    learn = load_learner(tmp_path/'seg.pkl')
+    import pandas as pd
+    rows = pd.read_csv(tmp_path/'out'/'predictions.csv')
+    for f in files:
+        xb = learn.dls.test_dl([f], num_workers=0).one_batch()[0]
+        with torch.no_grad(): pred = learn.model.eval()(xb).argmax(1)[0]
+        present = [c for c in range(3) if (pred == c).any()]
+        mine = rows[rows.file == str(f)]
+        assert mine.explained.tolist() == [CODES[c] for c in present] and mine.heatmap.tolist() == [f'{f.stem}_{CODES[c]}.png' for c in present]
+        for c, share in zip(present, mine.probability):
+            assert abs(share - (pred == c).float().mean().item()) < 1e-4
+            assert (tmp_path/'out'/f'{f.stem}_{CODES[c]}.png').exists()
+            close_to(torch.from_numpy(np.load(tmp_path/'out'/f'{f.stem}_{CODES[c]}.npy')), learn.heatmap(f, targets=c)[0].cpu(), 1e-4)
+    assert main(['explain', str(tmp_path/'seg.pkl'), str(files[0]), '--out', str(tmp_path/'o2'), '--target', 'disc']) == 2
