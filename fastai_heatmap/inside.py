@@ -156,7 +156,8 @@ def show_filters(self:Learner,
     lim = float(tiles[:n].abs().max()) or 1.
     kw = {} if rgb else dict(cmap=cmap, vmin=-lim, vmax=lim)
     for i, ax in enumerate(axs):
-        show_image(to_np(tiles[i]), ax=ax, interpolation='nearest', **kw)
+        ax.imshow(to_np(tiles[i]), interpolation='nearest', **kw) # not `show_image`, which squeezes the 1×1 kernels of pointwise convolutions to 1-D
+        ax.set_axis_off()
         ax.set_title(str(i), fontsize=9, pad=2)
     fig.tight_layout()
     return show_once(fig)

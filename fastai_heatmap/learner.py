@@ -338,6 +338,7 @@ def explain_batches(
     method:str='gradcam', # A method's name (`list_methods()`)
     layer=None, # Module or dotted name of the layer, for methods at a layer; None for `default_layer`
     warn_small:bool=False, # Warn (once) when the layer's maps are smaller than 4×4
+    region=None, # For segmentation learners: the pixels whose class scores are summed (see `explain`), or a function of (preds, labels) giving them
     **kwargs,
 ):
     "For each batch of `dl`: its `Explanation`, its input batch and its labels (None without labels)"
@@ -348,7 +349,8 @@ def explain_batches(
         meth = get_method(method)
         if meth.uses_layer and not isinstance(mod, nn.Module): mod = resolve_layer(model, layer, xb.as_subclass(Tensor), meth.min_size)[0]
         tg = (lambda p, yb=yb: targets(p, yb)) if callable(targets) else targets[i:i+len(xb)] if isinstance(targets, Tensor) and targets.ndim else targets
-        with autocast_of(learn): e = explain(model, xb, tg, method=method, layer=mod, **{'bar': _bar(learn), **kwargs})
+        reg = (lambda p, yb=yb: region(p, yb)) if callable(region) else region
+        with autocast_of(learn): e = explain(model, xb, tg, method=method, layer=mod, region=reg, **{'bar': _bar(learn), **kwargs})
         if warn_small: warn_coarse(model, xb, e, meth)
         i += len(xb)
         yield e, xb, yb
@@ -397,6 +399,7 @@ def explain(self:Learner,
     tg = label_targets(self, targets, len(items))
     if task == 'regression': tg, kwargs = _regression(tg, sign, kwargs)
     if callable(tg): tg = lambda p, y, f=tg: f(p) # a function of the predictions, as in the engine
+    if callable(kwargs.get('region')): kwargs['region'] = lambda p, y, f=kwargs['region']: f(p)
     dl = items_dl(self, items, bs=bs)
     e, imgs, _ = explain_dl(self, dl, targets=tg, method=method, layer=layer, with_input=with_input, **kwargs)
     if task == 'regression' and sign == -1: e = e._replace(targets=torch.full_like(e.targets, kwargs['score'].output), negative=torch.ones_like(e.negative))
@@ -541,10 +544,10 @@ def _show_segmentation(learn, item, target, method, layer, alpha, cmap, figsize,
     fig, axs = plt.subplots(1, 3, figsize=figsize or (9, 3.4))
     im = img.float() / (255 if img.max() > 1 else 1) # decoded pixels: 0 to 255 (or 0 to 1)
     axs[0].imshow(im.permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy(), cmap='gray' if img.shape[0] == 1 else None); axs[0].set_title('image')
-    axs[1].imshow(pred.numpy(), cmap='tab10', vmin=0, vmax=9, interpolation='nearest')
-    axs[1].set_title('predicted mask' + (f"\n{name}: {(pred == e.targets[0].item()).float().mean().item():.0%} of pixels"))
-    show_heatmap(img, e.maps[0], ax=axs[2], alpha=alpha, cmap=cmap, colorbar=colorbar, title=f"map for {name}\n{_where(e)}", **color_range(kwargs.get('norm', 'image')))
-    axs[2].contour(e.regions[0].cpu().float().numpy(), levels=[.5], colors='cyan', linewidths=1)
+    show_mask(pred, ax=axs[1], n_classes=e.preds.shape[1], labels=vocab_of(learn),
+              title='predicted mask' + (f"\n{name}: {(pred == e.targets[0].item()).float().mean().item():.0%} of pixels"))
+    show_heatmap(img, e.maps[0], ax=axs[2], alpha=alpha, cmap=cmap, colorbar=colorbar, title=f"map for {name}\n{_where(e)}", outline=e.regions[0],
+                 **color_range(kwargs.get('norm', 'image')))
     for a in axs: a.axis('off')
     fig.tight_layout()
     return list(axs)
