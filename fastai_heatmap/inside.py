@@ -168,7 +168,7 @@ def _one_batch(learn:Learner, item)->Tensor:
     if is_listy(item): raise TypeError("This draws one item; pass one image, not a list.")
     items = [load_item(o, learn) for o in as_items(item)]
     if len(items) != 1: raise TypeError(f"This draws one item; got {len(items)} images.")
-    return learn.dls.test_dl(items, bs=1, num_workers=0).one_batch()[0].as_subclass(Tensor)
+    return items_dl(learn, items, bs=1).one_batch()[0].as_subclass(Tensor)
 
 def _copy(m, i, o): return o.clone() # at the hook, before any in-place op of the next module changes `o`
 

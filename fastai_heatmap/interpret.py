@@ -104,7 +104,7 @@ class HeatmapInterpretation(ClassificationInterpretation):
         if any(not isinstance(i, (int, np.integer)) or not 0 <= i < n for i in idxs): raise IndexError(f"Dataset indices must be ints in range({n}).")
         check_bs(bs)
         fn, mask = _target_fn(self, target)
-        dl = self.learn.dls.test_dl(self.items(idxs), with_labels=True, bs=ifnone(bs, self.dl.bs), num_workers=0)
+        dl = items_dl(self.learn, self.items(idxs), bs=ifnone(bs, self.dl.bs), with_labels=True)
         act = self.act if self.act is not None or task_of(self.learn) != 'regression' else raw_outputs # no softmax for numbers
         e, imgs, ys = explain_dl(self.learn, dl, targets=fn, method=method, layer=layer, with_input=with_input, with_labels=True, act=act, **kwargs)
         if mask is not None: e = e._replace(maps=e.maps * mask(e.preds, ys)[..., None, None].to(e.maps.dtype))
@@ -349,7 +349,7 @@ def class_heatmaps(self:HeatmapInterpretation,
         raise ValueError(f"`max_n` is the number of items per class to average, an int ≥ 1 (or None for all); got {max_n!r}.")
     fn, mask = _target_fn(self, target)
     multi, n_cls = mask is not None, len(vocab_of(self.learn))
-    dl = self.dl if max_n is None else self.learn.dls.test_dl(self.items(_first_per_class(self, target, max_n)), with_labels=True, num_workers=0)
+    dl = self.dl if max_n is None else items_dl(self.learn, self.items(_first_per_class(self, target, max_n)), with_labels=True)
     sums = cnt = img_sum = info = None
     for e, xb, yb in explain_batches(self.learn, shard_dl(dl), targets=fn, method=method, layer=layer, norm=norm, act=self.act, **kwargs):
         xb, yb = xb.as_subclass(Tensor), yb.as_subclass(Tensor)
