@@ -169,7 +169,7 @@ def _one_batch(learn:Learner, item)->Tensor:
     if is_listy(item): raise TypeError("This draws one item; pass one image, not a list.")
     items = [load_item(o, learn) for o in as_items(item)]
     if len(items) != 1: raise TypeError(f"This draws one item; got {len(items)} images.")
-    return learn.dls.test_dl(items, bs=1, num_workers=0).one_batch()[0].as_subclass(Tensor)
+    return items_dl(learn, items, bs=1).one_batch()[0].as_subclass(Tensor)
 
 def _copy(m, i, o): return o.clone() # at the hook, before any in-place op of the next module changes `o`
 
@@ -405,7 +405,7 @@ def max_activation(self:Learner,
     return imgs[0] if one else imgs
 
 
-# %% ../nbs/03a_inside.ipynb #4fca6dcc
+# %% ../nbs/03a_inside.ipynb #4ea68e83
 class ActivationImages(TensorImage):
     "What `max_activation` returns: its images, a `TensorImage` of decoded pixels, that reads in a line; drawn (`show=True`), `.fig` is the figure, and a notebook shows it once as the cell's value"
     def __repr__(self): return f"{type(self).__name__}({brief(self.as_subclass(Tensor))}{', drawn in .fig' if getattr(self, 'fig', None) is not None else ''})"
@@ -415,7 +415,7 @@ class ActivationImages(TensorImage):
         from IPython.display import display # only a notebook calls this
         display({'text/plain': repr(self)}, raw=True)
 
-# %% ../nbs/03a_inside.ipynb #581372c4
+# %% ../nbs/03a_inside.ipynb #1fcee971
 color_correlation = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]]) # Lucid's square root of ImageNet's colour covariance: RGB × components
 
 def _colors(decorrelate, c, device):
@@ -465,7 +465,7 @@ def transform_images(
     grid = F.affine_grid(th.expand(len(x), 2, 3), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode='bilinear', padding_mode='reflection', align_corners=False)
 
-# %% ../nbs/03a_inside.ipynb #1821cd81
+# %% ../nbs/03a_inside.ipynb #8f2087e0
 @patch
 def dataset_examples(self:Learner,
     items, # Images to search (files, PIL images, ...), or a `DataLoader` of `learn.dls` (such as `learn.dls.valid`)
