@@ -476,7 +476,7 @@ def dataset_examples(self:Learner,
     "The `k` items that excite `channel` of `layer` most (by mean activation), most first, and their mean activations: Lucid's dataset examples, batched, one forward per batch"
     check_vision_learner(self)
     _check_n(k, 'k')
-    dl = items if hasattr(items, 'one_batch') else self.dls.test_dl(list(items), num_workers=0)
+    dl = items if hasattr(items, 'one_batch') else items_dl(self, list(items))
     acts, name = [], None
     for b in learner_batches(self, dl):
         a, name = channel_activations(self.model, b[0], layer)
@@ -499,7 +499,7 @@ def show_channel(self:Learner,
     "One row: the input `max_activation` optimizes for `channel` of `layer`, then the `k` items of `items` that excite it most, each titled with its mean activation; returns the figure"
     img = self.max_activation(layer=layer, channel=channel, **kwargs)
     top, v = self.dataset_examples(items, layer, channel, k)
-    xb = self.dls.test_dl(top, num_workers=0).one_batch()[0]
+    xb = items_dl(self, top).one_batch()[0]
     crops = check_decoded(self.dls.valid.decode((xb,))[0])
     a, name = channel_activations(self.model, self.dls.valid.after_batch(TensorImage(img[None].round().byte().to(self.dls.device))), layer)
     fig, axs = get_grid(k + 1, nrows=1, figsize=figsize or (1.8 * (k + 1), 2.6), return_fig=True)
