@@ -527,7 +527,7 @@ def _show_segmentation(learn, item, target, method, layer, alpha, cmap, figsize,
     show_heatmap(img, e.maps[0], ax=axs[2], alpha=alpha, cmap=cmap, colorbar=colorbar, title=f"map for {name}\n{_where(e)}", **color_range(kwargs.get('norm', 'image')))
     axs[2].contour(e.regions[0].cpu().float().numpy(), levels=[.5], colors='cyan', linewidths=1)
     for a in axs: a.axis('off')
-    fig.tight_layout()
+    fit_text(fig)
     return list(axs)
 
 # %% ../nbs/03_learner.ipynb #36f658e1
