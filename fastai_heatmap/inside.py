@@ -156,7 +156,8 @@ def show_filters(self:Learner,
     lim = float(tiles[:n].abs().max()) or 1.
     kw = {} if rgb else dict(cmap=cmap, vmin=-lim, vmax=lim)
     for i, ax in enumerate(axs):
-        show_image(to_np(tiles[i]), ax=ax, interpolation='nearest', **kw)
+        ax.imshow(to_np(tiles[i]), interpolation='nearest', **kw) # not `show_image`, which squeezes the 1×1 kernels of pointwise convolutions to 1-D
+        ax.set_axis_off()
         ax.set_title(str(i), fontsize=9, pad=2)
     fig.tight_layout()
     return show_once(fig)
@@ -167,7 +168,7 @@ def _one_batch(learn:Learner, item)->Tensor:
     if is_listy(item): raise TypeError("This draws one item; pass one image, not a list.")
     items = [load_item(o, learn) for o in as_items(item)]
     if len(items) != 1: raise TypeError(f"This draws one item; got {len(items)} images.")
-    return learn.dls.test_dl(items, bs=1, num_workers=0).one_batch()[0].as_subclass(Tensor)
+    return items_dl(learn, items, bs=1).one_batch()[0].as_subclass(Tensor)
 
 def _copy(m, i, o): return o.clone() # at the hook, before any in-place op of the next module changes `o`
 

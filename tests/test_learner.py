@@ -184,3 +184,42 @@ def test_no_bar(demo):
         return buf.getvalue()
     assert '3/3' in printed(contextlib.nullcontext())
     assert printed(demo.no_bar()) == ''
+
+
+def test_items_loaded_as_get_preds_loads_them(demo, monkeypatch):
+    """Items that fill more than one batch are loaded by the `DataLoaders`' workers, as `learn.get_preds` loads a test set (giving the same maps
+    as loading them in this process); one batch is loaded in this process, as `learn.predict` loads its item"""
+    fs = list(demo.dls.valid_ds.items[:12])
+    with demo.no_bar(): ref = explain_dl(demo, demo.dls.test_dl(fs, bs=4, num_workers=0))[0].maps
+    workers, orig = [], type(demo.dls).test_dl
+    def spy(self, *args, **kwargs):
+        dl = orig(self, *args, **kwargs); workers.append(dl.fake_l.num_workers); return dl
+    monkeypatch.setattr(type(demo.dls), 'test_dl', spy)
+    monkeypatch.setattr(demo.dls.valid.fake_l, 'num_workers', 2) # a learner whose DataLoaders load with 2 workers
+    with demo.no_bar(): e = demo.explain(fs, bs=4) # three batches
+    assert workers == [2]
+    torch.testing.assert_close(e.maps, ref)
+    with demo.no_bar(): demo.explain(fs[:4], bs=4); demo.heatmap(fs[0])
+    assert workers[1:] == [0, 0]
+    assert items_dl(demo, fs, bs=4, num_workers=1).fake_l.num_workers == 1 # the caller's choice wins
+
+
+def test_file_header_read_once(demo, monkeypatch):
+    """Each file is opened once for its header (`load_item`, an `ImageFile` with `image_size`) and once for its pixels in its batch;
+    `learn.show_cams` a third time, for the original it draws on. Grouping by size, and `load_item` of an `ImageFile`, read nothing again"""
+    fs = list(demo.dls.valid_ds.items[:6])
+    opened, orig = [], Image.open
+    def spy(fp, *args, **kwargs): opened.append(str(fp)); return orig(fp, *args, **kwargs)
+    monkeypatch.setattr(Image, 'open', spy)
+    items = [load_item(f, demo) for f in fs]
+    assert all(isinstance(o, ImageFile) and o == f and o.image_size == (64, 64) for o, f in zip(items, fs))
+    assert len(opened) == len(fs)
+    assert [load_item(o, demo) for o in items] == items and size_groups(demo, items) == {(64, 64): list(range(len(fs)))} and len(opened) == len(fs)
+    opened.clear()
+    with demo.no_bar(): demo.explain(fs)
+    assert sorted(opened) == sorted(map(str, fs * 2)), opened
+    opened.clear()
+    import matplotlib.pyplot as plt
+    with demo.no_bar(): demo.show_cams(fs)
+    plt.close('all')
+    assert sorted(opened) == sorted(map(str, fs * 3)), opened
