@@ -29,7 +29,7 @@ from .draw import *
 __all__ = ['check_vision_learner', 'is_multilabel', 'vocab_of', 'label_of', 'probs_of', 'task_of', 'thresh_of', 'image_type',
            'as_items', 'ImageFile', 'load_item', 'unreadable', 'unreadable_error', 'check_bs', 'size_groups',
            'items_dl', 'input_region', 'label_targets', 'autocast_of', 'check_decoded', 'warn_coarse',
-           'explain_batches', 'explain_dl', 'no_evidence']
+           'learner_batches', 'explain_batches', 'explain_dl', 'no_evidence']
 
 # %% ../nbs/03_learner.ipynb #7dae69ac
 def check_vision_learner(learn:Learner):
@@ -329,6 +329,13 @@ def _batches(learn, dl):
         except StopIteration: return
         except (OSError, ValueError, RuntimeError) as e: raise unreadable_error(list(getattr(dl, 'items', [])), e) from None
         yield b
+
+def learner_batches(
+    learn:Learner, # A learner (its `no_bar()` state decides the bar)
+    dl, # A `DataLoader` of `learn.dls`
+):
+    "The batches of `dl`, with a progress bar unless `learn.no_bar()` (none for one batch), and an error naming the files when one cannot be loaded"
+    return _batches(learn, dl)
 
 @delegates_kept(explain, but=['model', 'xb', 'targets', 'method', 'layer'])
 def explain_batches(
