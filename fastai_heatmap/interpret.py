@@ -178,8 +178,7 @@ def _plot_seg_top_losses(interp, k, largest, method, target, layer, alpha, cmap,
                      **color_range(kwargs.get('norm', 'image')))
         axs[i, 2].axis('off')
     if show_text: fig.suptitle(f"Ground truth / prediction / map of the class with the largest error — {e.method}" + (f" at layer {e.layer!r}" if e.layer else ""))
-    fig.tight_layout()
-    return show_once(fig)
+    return show_once(fit_text(fig))
 
 # %% ../nbs/04_interpret.ipynb #23a452ff
 def _plot_reg_top_losses(interp, k, largest, method, target, layer, alpha, cmap, show_text, figsize, nrows, ncols, **kwargs):
@@ -315,9 +314,7 @@ class ClassHeatmaps(NamedTuple):
         sup = (f"Mean {self.method} map per {self.target} class" + (f" (layer {self.layer!r})" if self.layer else "") +
                f"\nborder: share in the outer {self.border:.0%} of each side (uniform map: {self.uniform_border:.0%})")
         if nrows is None and ncols is None: ncols = min(len(titles), 6)
-        fig = heatmap_grid(self.images, self.maps, titles, nrows=nrows, ncols=ncols, figsize=figsize, suptitle=sup, alpha=alpha, cmap=cmap, **kwargs)
-        fig.tight_layout() # room for the two-line title above the cells' titles
-        return fig
+        return heatmap_grid(self.images, self.maps, titles, nrows=nrows, ncols=ncols, figsize=figsize, suptitle=sup, alpha=alpha, cmap=cmap, **kwargs)
 
 # %% ../nbs/04_interpret.ipynb #8dd4b774
 def _first_per_class(interp, target, max_n):
@@ -427,7 +424,7 @@ def plot_confused_heatmaps(self:HeatmapInterpretation,
     if not pairs:
         fig = plt.figure(figsize=figsize or (5, 1))
         fig.text(0.5, 0.5, f"No pair of classes is confused {min_val} time{'s' if min_val > 1 else ''} or more.", ha='center', va='center')
-        return show_once(fig)
+        return show_once(fit_text(fig, layout=False))
     dec, targs = self._decoded()
     o2i = {str(c): i for i, c in enumerate(self.vocab)}
     groups = [torch.where((targs.flatten() == o2i[str(a)]) & (dec.flatten() == o2i[str(p)]))[0] for a, p, _ in pairs]

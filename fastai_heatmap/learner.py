@@ -558,7 +558,7 @@ def _show_segmentation(learn, item, target, method, layer, alpha, cmap, figsize,
     show_heatmap(img, e.maps[0], ax=axs[2], alpha=alpha, cmap=cmap, colorbar=colorbar, title=f"map for {name}\n{_where(e)}", outline=e.regions[0],
                  **color_range(kwargs.get('norm', 'image')))
     for a in axs: a.axis('off')
-    fig.tight_layout()
+    fit_text(fig)
     return list(axs)
 
 # %% ../nbs/03_learner.ipynb #36f658e1
