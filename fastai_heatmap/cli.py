@@ -195,7 +195,7 @@ def explain_files(
     mine = shard(named)
     pending = []
     with ThreadPoolExecutor(1) as writer: # PNGs are encoded and written while the next batch is explained
-        for start in (progress_bar if bar else list)(range(0, len(mine), bs)):
+        for start in (progress_bar if bar and len(mine) > bs else list)(range(0, len(mine), bs)): # a bar for more than one batch, as for `learn.heatmap`
             good, items = [], []
             for f, name in mine[start:start+bs]:
                 item, why = _open(learn, f) # read now, so that a corrupt file is skipped alone
