@@ -11,6 +11,7 @@ Run it from the repository root (it uses the demo learner, trained once and cach
 
     python bench/bench_dataset.py              # 640 files, 320 for the command line, 1,000 for the report, 5 rounds
     python bench/bench_dataset.py --quick      # 64, 64 and 128 files, 3 rounds
+    python bench/bench_dataset.py --only heatmap --workers 2   # the learner's DataLoaders with 2 workers, and in-process loading beside them
 
 The files are digits PNGs generated once into a temporary folder (`make_digits` with another seed: images the model has not
 seen, in folders named after their labels). Every case runs once per round, round-robin with a rotating start, after one
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 import fastai
 from fastai.vision.all import get_image_files, Learner, vision_learner, resnet18, accuracy
-from fastai_heatmap.all import demo_learner, digits_dls, make_digits, model_report, heatmap_faithfulness
+from fastai_heatmap.all import demo_learner, digits_dls, make_digits, model_report, heatmap_faithfulness, explain_dl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument('--repeats', type=int, default=None, help='rounds (5; --quick 3)')
     p.add_argument('--only', default='heatmap,explain,report', help='comma-separated groups to run: heatmap, explain, report')
     p.add_argument('--untrained', action='store_true', help="a seeded untrained resnet18 of the demo's shape instead of the trained demo (the times do not depend on the weights)")
+    p.add_argument('--workers', type=int, default=None, help="the learner's DataLoader workers (num_workers; the demo's are 0): get_preds and learn.heatmap use them, "
+                   "and a case loading learn.heatmap's items in-process (num_workers=0, as before issue 19) runs beside them")
     p.add_argument('--keep', default=None, help='keep the generated files and outputs in this folder')
     a = p.parse_args(argv)
     q = a.quick
@@ -98,6 +101,7 @@ def main(argv=None):
     tmp.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()
     learn = vision_learner(digits_dls(), resnet18, pretrained=False, metrics=accuracy) if a.untrained else demo_learner()
+    if a.workers is not None: learn.dls.valid.fake_l.num_workers = a.workers # what `test_dl` inherits (`dl.num_workers` is a worker's own count)
     files = make_files(tmp, max(a.n, a.cli_n, a.report_n))
     cases = {} # group -> [(name, fn)]; the first of each group is its baseline
     notes = {}
@@ -109,6 +113,7 @@ def main(argv=None):
                             # the default layer for 64-px images is '0.6' (4×4 maps): its gradient goes back through the body's last block,
                             # about a quarter of the forward's work; at the body's output ('0', 2×2 maps) only through the head
                             (f"learn.heatmap, gradcam at layer '0' (the body), {len(fs)} files", lambda: learn.heatmap(fs, layer='0'))]
+        if a.workers: cases['heatmap'].append((f"gradcam, {len(fs)} files loaded in-process (num_workers=0)", lambda: explain_dl(learn, learn.dls.test_dl(fs, num_workers=0))))
         # CAM needs global average pooling → Linear after the layer (fastai's head is not one): the demo's body with such a head
         torch.manual_seed(0)
         cam = Learner(learn.dls, nn.Sequential(learn.model[0], nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, len(learn.dls.vocab)))),
@@ -163,7 +168,7 @@ def main(argv=None):
     goals = {'heatmap': 1.1, 'cam': 1.1, 'explain': 1.3, 'report': 2.0}
     print(f"fastai_heatmap {fastai_heatmap.__version__}, fastai {fastai.__version__}, torch {torch.__version__}; {platform.platform()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, device {next(learn.model.parameters()).device}")
-    print(f"{'untrained resnet18 of the demo' if a.untrained else 'demo learner'} (resnet18 from random weights, 64×64 digits); {a.repeats} rounds after a warm-up, interleaved; {wall:.0f} s in all")
+    print(f"{'untrained resnet18 of the demo' if a.untrained else 'demo learner'} (resnet18 from random weights, 64×64 digits), DataLoader workers {learn.dls.valid.fake_l.num_workers}; {a.repeats} rounds after a warm-up, interleaved; {wall:.0f} s in all")
     print(f"load average (1, 5, 15 min) at the start {', '.join(f'{v:.2f}' for v in load0)}, at the end {', '.join(f'{v:.2f}' for v in load1)} "
           f"(on a shared machine other processes run meanwhile)")
     print(f"{'':70s} {'median s':>9s} {'× base':>7s} {'(med. of ratios)':>16s} {'goal':>5s}")

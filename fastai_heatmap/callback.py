@@ -43,7 +43,7 @@ class HeatmapCallback(Callback):
         try:
             items = [load_item(o, self.learn) for o in as_items(self.items)]
             if not items: raise ValueError("HeatmapCallback needs at least one item to watch.")
-            self.xb = self.learn.dls.test_dl(items, bs=len(items), num_workers=0).one_batch()[0]
+            self.xb = items_dl(self.learn, items, bs=len(items)).one_batch()[0] # one batch: loaded here, as `learn.predict` loads its item
             self.tg = label_targets(self.learn, self.targets, len(items))
             self.imgs = check_decoded(self.learn.dls.valid.decode((self.xb,))[0]).as_subclass(Tensor).cpu()
         finally: random.setstate(state); torch.set_rng_state(tstate)

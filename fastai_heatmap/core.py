@@ -172,13 +172,14 @@ def resolve_targets(
     return t, torch.zeros_like(t, dtype=torch.bool)
 
 def resolve_regions(
-    region, # None for the pixels predicted as each target class; a boolean mask (H, W) or (B, H, W); or a box (x0, y0, x1, y1) in the output's pixels
+    region, # None for the pixels predicted as each target class; a boolean mask (H, W) or (B, H, W); a box (x0, y0, x1, y1) in the output's pixels; or a function of the outputs giving one of these
     preds:Tensor, # A segmentation model's outputs (B, n_classes, H, W)
     targets:Tensor, # The classes explained (B,) or (B, T)
 )->Tensor:
     "The pixels (B, T, H, W), bool, over which each target class's score is summed (Vinogradova et al. 2020); an empty region is an error, never a map of zeros"
     B, C, H, W = preds.shape
     cols = targets if targets.ndim == 2 else targets[:, None]
+    if callable(region): region = region(preds.detach()) # such as the pixels where the prediction is wrong
     if region is None:
         r = preds.argmax(1)[:, None] == cols[:, :, None, None]
         empty = ~r.flatten(2).any(2)
@@ -824,18 +825,33 @@ def _fused(model, xb, meth, layers, upsample, norm, **opts)->Explanation:
     maps = torch.stack([upsample_maps(normalize_maps(e.maps, 'image'), size, opts['interpolation']) for e in es]).mean(0)
     return es[0]._replace(maps=normalize_maps(maps, norm), layer=' + '.join(e.layer for e in es), layer_size=tuple(max(s) for s in zip(*(e.layer_size for e in es))))
 
-def _aug_smoothed(model, xb, meth, layer, augs, upsample, norm, targets=None, **opts)->Explanation:
+def _aug_region(region, aug, back, channels:int):
+    """A segmentation `region` for an augmented copy: resolved in the original's frame (a function of the outputs gets the copy's outputs mapped back),
+    then moved as the image was, by `aug`; checked to come back by `back`. None stays None: each copy's own predicted pixels"""
+    if region is None: return None
+    def moved(p):
+        o = back(p) # the copy's outputs in the original's frame
+        r = resolve_regions(region(o) if callable(region) else region, o, torch.zeros(len(o), dtype=torch.long, device=o.device))[:, 0]
+        ra = aug(r[:, None].float().expand(-1, channels, -1, -1)).mean(1) > .5
+        if ra.shape != r.shape or not torch.equal(back(ra.float()) > .5, r):
+            raise ValueError("With `region=`, each `aug_smooth` augmentation must move the region's pixels as it moves the image, and its map-back function bring them back; "
+                             "this one does not (a flip, a rotation or a transpose does; a photometric change leaves the region in place).")
+        return ra
+    return moved
+
+def _aug_smoothed(model, xb, meth, layer, augs, upsample, norm, targets=None, region=None, **opts)->Explanation:
     """The mean of the raw maps (after the ReLU, before `norm`) of augmented copies of the batch, each mapped back to the original's frame; every copy explains
-    the class explained for the original (for a single-logit model, the side its own prediction is on); the predictions are the first copy's"""
+    the class explained for the original (for a single-logit model, the side its own prediction is on), a segmentation `region` moved with the image;
+    the predictions are the first copy's"""
     es = []
     for aug, back in augs:
         xa = aug(xb)
         if not isinstance(xa, Tensor) or xa.shape[0] != xb.shape[0]: raise ValueError(f"An `aug_smooth` augmentation returned {type(xa).__name__ if not isinstance(xa, Tensor) else tuple(xa.shape)}: it should return a batch of {len(xb)} images.")
         tg = targets if not es or es[0].preds.shape[1] == 1 or opts.get('score') is not None else es[0].targets
-        e = explain(model, xa, tg, method=meth, layer=layer, upsample=upsample, norm=None, **opts)
+        e = explain(model, xa, tg, method=meth, layer=layer, upsample=upsample, norm=None, region=_aug_region(region, aug, back, xb.shape[1]), **opts)
         m = back(e.maps)
         if not isinstance(m, Tensor) or m.shape[0] != len(xb) or (es and m.shape != es[0].maps.shape): raise ValueError("An `aug_smooth` map-back function should return the maps of the original batch, as many and the same size.")
-        es.append(e._replace(maps=m))
+        es.append(e._replace(maps=m, regions=None if e.regions is None else back(e.regions.float()) > .5))
     return es[0]._replace(maps=normalize_maps(torch.stack([e.maps for e in es]).mean(0), norm))
 
 def explain(
@@ -856,7 +872,7 @@ def explain(
     n_samples:int|None=None, # The number of noisy copies for `smooth='smoothgrad' | 'smoothgrad_sq' | 'vargrad'` (20 when None)
     interpolation:str='bilinear', # How maps are upsampled: 'bilinear', 'bicubic' (both with half-pixel centres, align_corners=False) or 'nearest'
     score=None, # Instead of `targets`: a function of the outputs (N, ...) → (N,), the quantity to explain (such as a logit difference); it may take a second argument, each output's sample (N,). Methods that score probabilities apply it to `act(outputs)`
-    region=None, # For segmentation outputs: the pixels whose class scores are summed; None for those predicted as the class, a boolean mask (H, W) or (B, H, W), or a box (x0, y0, x1, y1)
+    region=None, # For segmentation outputs: the pixels whose class scores are summed; None for those predicted as the class, a boolean mask (H, W) or (B, H, W), a box (x0, y0, x1, y1), or a function of the outputs giving one
     eigen_smooth:bool=False, # CAM methods that weight activations: map the first principal component of the weighted activations w_k A_k, not their sum (pytorch-grad-cam's `eigen_smooth`)
     aug_smooth:bool|list=False, # Average the maps over augmented copies mapped back to the image: True for the image and its mirror image; or a list of (augment, map back) pairs
     **kwargs, # The method's own options (such as `window=` for occlusion); `list_methods()` shows them

@@ -16,12 +16,13 @@ import matplotlib.pyplot as plt
 from matplotlib.image import resample, NEAREST, BILINEAR
 from matplotlib.transforms import Affine2D
 from torch import Tensor
+from fastcore.basics import ifnone
 from fastai.torch_core import show_image, to_np
 from fastai.vision.data import get_grid
 
 # %% auto #0
 __all__ = ['HeatmapFigure', 'HeatmapAxes', 'AxesList', 'show_once', 'figure_html', 'color_range', 'show_heatmap', 'heatmap_grid',
-           'heatmap_overlay']
+           'show_mask', 'heatmap_overlay']
 
 # %% ../nbs/02d_draw.ipynb #b081e28e
 def _display_figure(fig):
@@ -102,6 +103,7 @@ def show_heatmap(
     interpolation:str='bilinear', # How matplotlib resamples the heatmap to the screen
     colorbar:bool=False, # Draw a colour bar for the heatmap beside the axes
     region:tuple|None=None, # Where the map lies on the image, (x0, x1, y0, y1) in its pixels (edges): the whole image when None
+    outline=None, # A boolean mask (h, w) to outline over the map, such as the pixels a segmentation map's score is summed over
     **kwargs, # Passed to `show_image`
 ):
     "Draw `img` with `hm` over it, on the image's pixel grid (or on its `region`); returns the axes"
@@ -113,6 +115,10 @@ def show_heatmap(
     ext = full if region is None else (region[0] - .5, region[1] - .5, region[3] - .5, region[2] - .5)
     hm = to_np(hm.float().cpu()) if isinstance(hm, Tensor) else np.asarray(hm)
     im = ax.imshow(hm, alpha=alpha, extent=ext, cmap=cmap, interpolation=interpolation, vmin=vmin, vmax=vmax)
+    if outline is not None:
+        o = to_np(outline.cpu()) if isinstance(outline, Tensor) else np.asarray(outline)
+        (h, w), (l, r, b, t) = o.shape, ext # at the centres of the outline's pixels, spread over the map's extent
+        ax.contour(l + (np.arange(w) + .5) * (r - l) / w, t + (np.arange(h) + .5) * (b - t) / h, o.astype(np.float32), levels=[.5], colors='cyan', linewidths=1)
     ax.set_xlim(full[:2]); ax.set_ylim(full[2:]) # the part of the map outside the image (padding) is not drawn
     if colorbar: ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return show_once(ax)
@@ -133,6 +139,36 @@ def heatmap_grid(
     for ax, img, hm, title, reg in zip(axs, imgs, maps, titles or [None]*len(maps), regions or [None]*len(maps)):
         show_heatmap(img, hm, ax=ax, title=title, region=reg, **kwargs)
     return show_once(fig)
+
+# %% ../nbs/02d_draw.ipynb #a2822cad
+def show_mask(
+    mask, # Class indices per pixel (H, W): a tensor or an array
+    img=None, # The image to draw under it, as `show_heatmap` takes it; the mask alone when None
+    ax=None, # Axes to draw on; a new figure when None
+    alpha:float=0.5, # Opacity of the mask over the image
+    n_classes:int|None=None, # The number of classes, which fixes the colours (10 or 20 colours: as many as the classes need when None)
+    labels:list|None=None, # The class names: a legend of the classes in the mask
+    figsize:tuple|None=None, # Size of the new figure
+    title:str|None=None, # Title of the axes
+):
+    "Draw a segmentation mask, one colour per class (the same in every picture), over `img` when given; returns the axes"
+    m = to_np(mask.cpu()) if isinstance(mask, Tensor) else np.asarray(mask)
+    if m.ndim != 2: raise ValueError(f"A mask is (H, W), a class index per pixel; got shape {m.shape}.")
+    n = max(ifnone(n_classes, 0), int(m.max()) + 1 if m.size else 1)
+    cmap, k = ('tab10', 10) if n <= 10 else ('tab20', 20) # beyond 20 classes, colours repeat
+    if ax is None: _, ax = plt.subplots(figsize=figsize)
+    if img is not None:
+        pix, grey = _pixels(img)
+        ax.imshow(pix, **grey)
+    ax.imshow(m % k, cmap=cmap, vmin=-.5, vmax=k - .5, interpolation='nearest', alpha=alpha if img is not None else 1.)
+    if labels is not None:
+        from matplotlib.patches import Patch
+        cm = matplotlib.colormaps[cmap]
+        ax.legend(handles=[Patch(color=cm(c % k), label=str(labels[c]) if c < len(labels) else str(c)) for c in np.unique(m).tolist()],
+                  loc='lower right', fontsize='x-small', framealpha=.7, handlelength=1)
+    ax.axis('off')
+    if title is not None: ax.set_title(title)
+    return show_once(ax)
 
 # %% ../nbs/02d_draw.ipynb #9f3b6a09
 def _pixel_for_pixel(n_out:int, n_in:int)->bool:

@@ -58,11 +58,11 @@ class Explorer:
         self.computed += 1
         self.img, self.preds, self.top = imgs[0], e.preds[0].cpu(), e.targets[0].tolist()
         self.probs = probs_of(learn, e.preds)[0].cpu()
-        self.layer_name = e.layer or default_layer(learn.model, learn.dls.test_dl([self.item], num_workers=0).one_batch()[0])
+        self.layer_name = e.layer or default_layer(learn.model, items_dl(learn, [self.item]).one_batch()[0])
         self._maps[(meth, self._lkey(meth, e.layer))] = dict(zip(self.top, e.maps[0].cpu()))
         n = len(self.preds)
         rest = [c for c in range(n) if c not in self.top]
-        xb = learn.dls.test_dl([self.item], num_workers=0).one_batch()[0]
+        xb = items_dl(learn, [self.item]).one_batch()[0]
         layers = map_layers(learn, xb)
         if self.layer_name not in layers: layers.append(self.layer_name)
         self.cls = W.Dropdown(options=[(f"{label_of(learn, c)} ({self.probs[c]:.2f})", c) for c in self.top] + [(label_of(learn, c), c) for c in rest],

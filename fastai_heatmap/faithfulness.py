@@ -403,7 +403,7 @@ def faithfulness_table(self:Learner,
     batches = [] # (positions, batch) of every batch, loaded once for every method
     for ix in size_groups(self, items).values():
         k = 0
-        for b in self.dls.test_dl([items[i] for i in ix], bs=ifnone(bs, self.dls.valid.bs), num_workers=0):
+        for b in items_dl(self, [items[i] for i in ix], bs=bs):
             batches.append((torch.tensor(ix[k:k + len(b[0])], device=device), b[0])); k += len(b[0])
     order = torch.cat([r for r, _ in batches]).cpu()
     cols = [c for f, _ in mets for c in f.columns]

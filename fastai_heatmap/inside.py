@@ -23,8 +23,9 @@ from .draw import *
 from .learner import *
 
 # %% auto #0
-__all__ = ['conv_kernels', 'show_conv', 'conv_layers', 'filter_tiles', 'total_variation', 'most_active_channels',
-           'optimize_input']
+__all__ = ['conv_kernels', 'color_correlation', 'show_conv', 'conv_layers', 'filter_tiles', 'total_variation',
+           'channel_activations', 'most_active_channels', 'optimize_input', 'ActivationImages', 'spectrum_to_pixels',
+           'pixels_to_spectrum', 'transform_images']
 
 # %% ../nbs/03a_inside.ipynb #9704fc4b
 def _k(rows): return torch.tensor(rows, dtype=torch.float32)
@@ -156,7 +157,8 @@ def show_filters(self:Learner,
     lim = float(tiles[:n].abs().max()) or 1.
     kw = {} if rgb else dict(cmap=cmap, vmin=-lim, vmax=lim)
     for i, ax in enumerate(axs):
-        show_image(to_np(tiles[i]), ax=ax, interpolation='nearest', **kw)
+        ax.imshow(to_np(tiles[i]), interpolation='nearest', **kw) # not `show_image`, which squeezes the 1×1 kernels of pointwise convolutions to 1-D
+        ax.set_axis_off()
         ax.set_title(str(i), fontsize=9, pad=2)
     fig.tight_layout()
     return show_once(fig)
@@ -167,7 +169,7 @@ def _one_batch(learn:Learner, item)->Tensor:
     if is_listy(item): raise TypeError("This draws one item; pass one image, not a list.")
     items = [load_item(o, learn) for o in as_items(item)]
     if len(items) != 1: raise TypeError(f"This draws one item; got {len(items)} images.")
-    return learn.dls.test_dl(items, bs=1, num_workers=0).one_batch()[0].as_subclass(Tensor)
+    return items_dl(learn, items, bs=1).one_batch()[0].as_subclass(Tensor)
 
 def _copy(m, i, o): return o.clone() # at the hook, before any in-place op of the next module changes `o`
 
@@ -231,13 +233,12 @@ def _objective(model, x, targets, hook, name):
     if (targets >= a.shape[1]).any(): raise ValueError(f"`channel` {targets.max().item()} is not a channel of layer {name!r}, which has {a.shape[1]}: pass ints from 0 to {a.shape[1]-1}.")
     return a.gather(1, targets[:, None])[:, 0], out
 
-def most_active_channels(
+def channel_activations(
     model:nn.Module, # A model
     xb:Tensor, # A batch, normalized as the model takes it
     layer=None, # Module or dotted name of the layer; None for `default_layer`
-    k:int=5, # How many channels
 )->tuple:
-    "The `k` channels of `layer` with the largest mean activation over `xb` (over images and positions), and those means"
+    "The mean activation (over positions) of each channel of `layer` for each image of `xb`, (B, C) on the CPU, and the layer's name"
     model = unwrap_model(model)
     p = next(model.parameters(), xb)
     xb = xb.detach().as_subclass(Tensor).to(p.device, p.dtype)
@@ -245,9 +246,18 @@ def most_active_channels(
     with eval_mode(model), Hooks([m], _copy) as hs, torch.no_grad(): model(xb)
     a = hs.stored[0].float()
     if a.ndim < 2: raise ValueError(f"Layer {name!r} outputs shape {tuple(a.shape)}, with no channels.")
-    mean = (a.flatten(2).mean(-1) if a.ndim > 2 else a).mean(0)
+    return (a.flatten(2).mean(-1) if a.ndim > 2 else a).cpu(), name
+
+def most_active_channels(
+    model:nn.Module, # A model
+    xb:Tensor, # A batch, normalized as the model takes it
+    layer=None, # Module or dotted name of the layer; None for `default_layer`
+    k:int=5, # How many channels
+)->tuple:
+    "The `k` channels of `layer` with the largest mean activation over `xb` (over images and positions), and those means"
+    mean = channel_activations(model, xb, layer)[0].mean(0)
     v, i = mean.topk(min(k, len(mean)))
-    return i.cpu(), v.cpu()
+    return i, v
 
 def optimize_input(
     model:nn.Module, # A classifier: images (B, C, H, W) → scores (B, n_classes)
@@ -260,10 +270,18 @@ def optimize_input(
     jitter:int=4, # Shift the images by up to this many pixels (random, each step) before the forward pass
     tv_weight:float=5., # Weight of the total-variation penalty
     lo:Tensor|float|None=None, hi:Tensor|float|None=None, # The range the input is kept in (per channel (C, 1, 1), or a number); none when None
-    seed:int=0, # Seed of the jitter
+    seed:int=0, # Seed of the jitter, the scales and the angles
+    scale:tuple|None=None, # (smallest, largest): scale the images by a random factor in this range each step (Lucid: (0.9, 1.1)); None: no scaling
+    rotate:float=0., # Rotate the images by a random angle of up to this many degrees each step (Lucid: 10)
+    param:str='pixel', # What Adam optimizes: 'pixel' (the image itself) or 'fourier' (Lucid's decorrelated parameterization: a 1/f-scaled spectrum, decorrelated colours, a sigmoid into [`lo`, `hi`])
+    decorrelate:bool=True, # With 'fourier', decorrelate the colours (3 channels)
+    decay:float=1., # With 'fourier', scale each frequency by 1/f^`decay`
 )->tuple:
     "Activation maximization: (x, start, final), the images optimized from `x0`, and the objective at `x0` and at `x`, per image; only the input gets a gradient"
-    for v, nm, kw in ((steps, 'steps', dict(lo=1, integer=True)), (lr, 'lr', dict(strict=True)), (jitter, 'jitter', dict(integer=True)), (tv_weight, 'tv_weight', {})): _check_num(v, nm, **kw)
+    for v, nm, kw in ((steps, 'steps', dict(lo=1, integer=True)), (lr, 'lr', dict(strict=True)), (jitter, 'jitter', dict(integer=True)), (tv_weight, 'tv_weight', {}), (rotate, 'rotate', {}), (decay, 'decay', {})): _check_num(v, nm, **kw)
+    if param not in ('pixel', 'fourier'): raise ValueError(f"`param` should be 'pixel' or 'fourier'; got {param!r}.")
+    if scale is not None and not (is_listy(scale) and len(scale) == 2 and all(isinstance(o, (int, float)) and not isinstance(o, bool) for o in scale) and 0 < scale[0] <= scale[1]):
+        raise ValueError(f"`scale` should be (smallest, largest) factors with 0 < smallest ≤ largest, such as (0.9, 1.1), or None; got {scale!r}.")
     if (targets is None) == (channel is None): raise ValueError("Pass a class to excite (`targets`) or a `channel` of a `layer`, not both.")
     model = unwrap_model(model)
     p = next(model.parameters(), x0) # a model without parameters runs where the batch is
@@ -271,6 +289,8 @@ def optimize_input(
     n = len(x0)
     g = torch.Generator().manual_seed(seed)
     shifts = torch.randint(-jitter, jitter + 1, (steps, 2), generator=g).tolist()
+    angles = ((2 * torch.rand(steps, generator=g) - 1) * rotate).tolist() if rotate else [0.] * steps
+    scales = (scale[0] + (scale[1] - scale[0]) * torch.rand(steps, generator=g)).tolist() if scale is not None else [1.] * steps
     clamp = (lambda t: t) if lo is None and hi is None else (lambda t: t.clamp(lo, hi)) if not isinstance(lo, Tensor) else (lambda t: torch.max(torch.min(t, hi.to(t.device)), lo.to(t.device)))
     hook = name = None
     with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
@@ -286,15 +306,24 @@ def optimize_input(
                     if t.is_floating_point() or len(t) != n or (t < 0).any(): raise ValueError(f"`channel` should be an int ≥ 0 for all images, or one per image; got {channel!r}.")
                 t = t.to(p.device)
                 start, _ = _objective(model, x0.to(p.dtype), t, hook, name)
-            x = clamp(x0.clone()).requires_grad_()
-            opt = torch.optim.Adam([x], lr=lr)
-            for step, (dy, dx) in enumerate(shifts):
-                s, _ = _objective(model, torch.roll(x, (dy, dx), (2, 3)).to(p.dtype), t, hook, name)
-                if step == 0: alive = torch.autograd.grad(s.sum(), x, retain_graph=True)[0].flatten(1).abs().amax(1) > 0
-                x.grad, = torch.autograd.grad((tv_weight * total_variation(x) - s).sum(), x)
+            if param == 'fourier': # the image is a function of its spectrum, in [a, b] by the sigmoid: no clamp
+                a, b = (torch.as_tensor(0. if v is None else v, device=x0.device) for v in (lo, hi))
+                size = x0.shape[-2:]
+                q = pixels_to_spectrum((x0 - a) / (b - a), decorrelate, decay).requires_grad_()
+                to_x = lambda q: a + (b - a) * spectrum_to_pixels(q, size, decorrelate, decay)
+            else: q, to_x = clamp(x0.clone()).requires_grad_(), (lambda q: q)
+            opt = torch.optim.Adam([q], lr=lr)
+            for step in range(steps):
+                x = to_x(q)
+                s, _ = _objective(model, transform_images(x, shifts[step], angles[step], scales[step]).to(p.dtype), t, hook, name)
+                if step == 0: alive = torch.autograd.grad(s.sum(), q, retain_graph=True)[0].flatten(1).abs().amax(1) > 0
+                q.grad, = torch.autograd.grad((tv_weight * total_variation(x) - s).sum(), q)
                 opt.step()
-                with torch.no_grad(): x.copy_(clamp(x))
-            with torch.no_grad(): final, _ = _objective(model, x.to(p.dtype), t, hook, name)
+                if param == 'pixel':
+                    with torch.no_grad(): q.copy_(clamp(q))
+            with torch.no_grad():
+                x = to_x(q)
+                final, _ = _objective(model, x.to(p.dtype), t, hook, name)
         finally:
             if hook is not None: hook.remove()
     if not alive.all(): _warn_dead(model, x0, layer, name, t, start, ~alive, hook is not None)
@@ -320,13 +349,13 @@ def _pixel_range(learn:Learner, c:int)->tuple:
     return enc[0, :, :, :1], enc[0, :, :, 1:]
 
 def _input_size(learn:Learner, size)->tuple:
-    "(H, W) of the images the learner sees: `size`, or that of its first validation item after the item transforms"
+    "(H, W) of the images the learner sees: `size`, or that of its first validation item (or training item, with no validation set) after the item transforms"
     if size is not None:
         size = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
         if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size): raise ValueError(f"`size` should be an int or (H, W); got {size!r}.")
         return size
-    ds = getattr(learn.dls, 'valid_ds', None)
-    if ds is None or len(ds) == 0: raise ValueError("The learner has no validation items to take the image size from: pass `size=(H, W)`.")
+    ds = next((d for d in (getattr(learn.dls, 'valid_ds', None), getattr(learn.dls, 'train_ds', None)) if d is not None and len(d)), None)
+    if ds is None: raise ValueError("The learner has no items to take the image size from: pass `size=(H, W)`.")
     return tuple(learn.dls.valid.after_item(ds[0])[0].shape[-2:])
 
 @patch
@@ -341,7 +370,7 @@ def max_activation(self:Learner,
     figsize:tuple|None=None, # Size of the figure when `show`
     **kwargs,
 )->TensorImage:
-    "An input optimized from noise to excite `target` (or `channel` of `layer`), decoded by `learn.dls` as `show_batch` shows images: (C, H, W), or (N, C, H, W) for a list"
+    "An input optimized from noise to excite `target` (or `channel` of `layer`), decoded by `learn.dls` as `show_batch` shows images: (C, H, W), or (N, C, H, W) for a list, as `ActivationImages` (with `.fig` when `show`)"
     check_vision_learner(self)
     if (target is None) == (channel is None): raise ValueError("Pass a class to excite (`target`: a label or index, or a list of them), or a `channel` of a `layer`, not both.")
     one = not is_listy(target if channel is None else channel)
@@ -350,22 +379,135 @@ def max_activation(self:Learner,
     n, (h, w) = len(ks), _input_size(self, size)
     c = next(m for m in unwrap_model(self.model).modules() if _has_kernels(m)).in_channels
     lo, hi = _pixel_range(self, c)
-    noise = 0.5 + 0.1 * torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(seed)) # mid-grey pixels with a little noise
+    g = torch.Generator().manual_seed(seed)
+    if kwargs.get('param', 'pixel') == 'fourier': # Lucid's start: a small random spectrum, mid-grey with noise at every scale
+        noise = spectrum_to_pixels(0.01 * torch.randn(n, c, h, w // 2 + 1, 2, generator=g), (h, w), kwargs.get('decorrelate', True), kwargs.get('decay', 1.))
+    else: noise = 0.5 + 0.1 * torch.randn(n, c, h, w, generator=g) # mid-grey pixels with a little noise
     x0 = lo.cpu() + (hi - lo).cpu() * noise
     tg = None if channel is not None else label_targets(self, ks, n)
     x, start, final = optimize_input(self.model, x0, tg, layer=layer, channel=None if channel is None else ks, lo=lo, hi=hi, seed=seed, **kwargs)
     imgs = check_decoded(self.dls.valid.decode((TensorImage(x.to(self.dls.device)),))[0])
+    imgs = imgs.as_subclass(ActivationImages)
     if show:
         if channel is None:
             with torch.no_grad(), eval_mode(self.model): probs = probs_of(self, self.model(x.to(next(self.model.parameters()).dtype)).float())
-            t = tg.tolist()
-            titles = [f"{label_of(self, k)} ({probs[i, k]:.2f})" for i, k in enumerate(t)]
+            titles = [f"{label_of(self, k)}\np = {probs[i, k]:.2f}" for i, k in enumerate(tg.tolist())]
+            sup = f"Inputs optimized for {'a class' if one else 'each class'}, {h}×{w}"
         else:
             lname = resolve_layer(self.model, layer, x[:1])[1]
-            titles = [f"{lname!r} channel {k}\nmean {final[i]:.3g}" for i, k in enumerate(ks)]
-        fig, axs = get_grid(n, nrows=1, figsize=figsize or (2.2 * n, 2.6), return_fig=True)
+            titles = [f"channel {k}\nmean {final[i]:.3g}" for i, k in enumerate(ks)]
+            sup = f"Inputs optimized for channels of layer {lname!r}, {h}×{w}"
+        fig, axs = get_grid(n, nrows=1, figsize=figsize or (max(2.2 * n, 4.4), 2.9), return_fig=True)
         for ax, im, ti in zip(axs, imgs, titles): show_image(im, ax=ax, title=ti)
+        fig.suptitle(sup)
+        fig.tight_layout(rect=(0, 0, 1, 0.9)) # the title above the tiles' titles
+        imgs.fig = show_once(fig)
     return imgs[0] if one else imgs
+
+
+# %% ../nbs/03a_inside.ipynb #4ea68e83
+class ActivationImages(TensorImage):
+    "What `max_activation` returns: its images, a `TensorImage` of decoded pixels, that reads in a line; drawn (`show=True`), `.fig` is the figure, and a notebook shows it once as the cell's value"
+    def __repr__(self): return f"{type(self).__name__}({brief(self.as_subclass(Tensor))}{', drawn in .fig' if getattr(self, 'fig', None) is not None else ''})"
+    def _ipython_display_(self):
+        fig = getattr(self, 'fig', None)
+        if fig is not None: return fig._ipython_display_()
+        from IPython.display import display # only a notebook calls this
+        display({'text/plain': repr(self)}, raw=True)
+
+# %% ../nbs/03a_inside.ipynb #1fcee971
+color_correlation = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]]) # Lucid's square root of ImageNet's colour covariance: RGB × components
+
+def _colors(decorrelate, c, device):
+    "Lucid's matrix from decorrelated components to RGB (its largest column scaled to norm 1), or None (not asked, or not 3 channels)"
+    return (color_correlation / color_correlation.norm(dim=0).max()).to(device) if decorrelate and c == 3 else None
+
+def _freq_scale(h, w, decay):
+    "1/f^`decay` for each frequency of `rfft2` on (h, w) images, (h, w//2+1), the lowest frequency counted as 1/max(h, w) (Lucid's)"
+    f = (torch.fft.fftfreq(h)[:, None]**2 + torch.fft.rfftfreq(w)[None]**2).sqrt()
+    return f.clamp_min(1 / max(h, w)).pow(-decay)
+
+def spectrum_to_pixels(
+    spec:Tensor, # Spectra (B, C, H, W//2+1, 2), the real and imaginary parts (`torch.view_as_real`)
+    size:tuple, # (H, W) of the images
+    decorrelate:bool=True, # The channels are decorrelated colour components (for 3 channels)
+    decay:float=1., # Each frequency's coefficient is scaled by 1/f^`decay`
+)->Tensor:
+    "Lucid's Fourier parameterization: the images (B, C, H, W) in [0, 1] of scaled spectra, through the colour matrix and a sigmoid"
+    h, w = size
+    x = torch.fft.irfft2(torch.view_as_complex(spec) * _freq_scale(h, w, decay).to(spec.device), s=(h, w), norm='ortho') / 4 # Lucid's 4
+    m = _colors(decorrelate, x.shape[1], x.device)
+    return torch.sigmoid(x if m is None else torch.einsum('dc,bchw->bdhw', m, x))
+
+def pixels_to_spectrum(
+    pix:Tensor, # Images (B, C, H, W) in [0, 1]
+    decorrelate:bool=True, # As in `spectrum_to_pixels`
+    decay:float=1., # As in `spectrum_to_pixels`
+)->Tensor:
+    "The spectra (B, C, H, W//2+1, 2) whose `spectrum_to_pixels` are `pix` (clamped to [0.001, 0.999], where the sigmoid is invertible)"
+    x = torch.logit(pix.float().clamp(1e-3, 1 - 1e-3))
+    m = _colors(decorrelate, x.shape[1], x.device)
+    if m is not None: x = torch.einsum('dc,bchw->bdhw', torch.linalg.inv(m), x)
+    return torch.view_as_real(torch.fft.rfft2(4 * x, norm='ortho') / _freq_scale(*x.shape[-2:], decay).to(x.device)).contiguous()
+
+def transform_images(
+    x:Tensor, # Images (B, C, H, W)
+    shift:tuple=(0, 0), # Roll by (dy, dx) pixels
+    angle:float=0., # Then rotate by this many degrees about the centre
+    scale:float=1., # And scale by this factor (> 1 enlarges)
+)->Tensor:
+    "`x` rolled by `shift`, rotated by `angle` and scaled by `scale` (bilinear, reflected at the borders): the random transformations of feature visualization"
+    x = torch.roll(x, tuple(shift), (2, 3)) if any(shift) else x
+    if angle == 0 and scale == 1: return x
+    h, w = x.shape[-2:]
+    c, s = np.cos(np.radians(angle)), np.sin(np.radians(angle))
+    th = torch.tensor([[c, -s * h / w, 0.], [s * w / h, c, 0.]], dtype=x.dtype, device=x.device) / torch.tensor([[scale], [scale]], dtype=x.dtype, device=x.device)
+    grid = F.affine_grid(th.expand(len(x), 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode='bilinear', padding_mode='reflection', align_corners=False)
+
+# %% ../nbs/03a_inside.ipynb #8f2087e0
+@patch
+def dataset_examples(self:Learner,
+    items, # Images to search (files, PIL images, ...), or a `DataLoader` of `learn.dls` (such as `learn.dls.valid`)
+    layer=None, # Module or dotted name of the layer; None for `default_layer`
+    channel:int=0, # The channel of `layer`
+    k:int=6, # How many examples
+)->tuple:
+    "The `k` items that excite `channel` of `layer` most (by mean activation), most first, and their mean activations: Lucid's dataset examples, batched, one forward per batch"
+    check_vision_learner(self)
+    _check_n(k, 'k')
+    dl = items if hasattr(items, 'one_batch') else items_dl(self, list(items))
+    acts, name = [], None
+    for b in learner_batches(self, dl):
+        a, name = channel_activations(self.model, b[0], layer)
+        if not 0 <= channel < a.shape[1]: raise ValueError(f"`channel` {channel!r} is not a channel of layer {name!r}, which has {a.shape[1]}: pass an int from 0 to {a.shape[1]-1}.")
+        acts.append(a[:, channel])
+    if not acts: raise ValueError("No items to search: pass at least one image.")
+    v, i = torch.cat(acts).topk(min(k, sum(map(len, acts))))
+    return [dl.items[j] for j in i.tolist()], v
+
+@patch
+@delegates_kept(Learner.max_activation, but=['target', 'layer', 'channel', 'show', 'figsize'])
+def show_channel(self:Learner,
+    items, # Images to search for the examples that excite the channel most (files, PIL images, ...)
+    layer, # Module or dotted name of the layer
+    channel:int, # The channel of `layer`
+    k:int=5, # How many dataset examples to show
+    figsize:tuple|None=None, # Size of the figure; 1.8 inches per picture by default
+    **kwargs,
+):
+    "One row: the input `max_activation` optimizes for `channel` of `layer`, then the `k` items of `items` that excite it most, each titled with its mean activation; returns the figure"
+    img = self.max_activation(layer=layer, channel=channel, **kwargs)
+    top, v = self.dataset_examples(items, layer, channel, k)
+    xb = items_dl(self, top).one_batch()[0]
+    crops = check_decoded(self.dls.valid.decode((xb,))[0])
+    a, name = channel_activations(self.model, self.dls.valid.after_batch(TensorImage(img[None].round().byte().to(self.dls.device))), layer)
+    fig, axs = get_grid(k + 1, nrows=1, figsize=figsize or (1.8 * (k + 1), 2.6), return_fig=True)
+    show_image(img.as_subclass(Tensor), ax=axs[0], title=f"optimized\nmean {a[0, channel]:.3g}")
+    for ax, im, o in zip(axs[1:], crops, v.tolist()): show_image(im, ax=ax, title=f"example\nmean {o:.3g}")
+    fig.suptitle(f"Channel {channel} of layer {name!r} ({xb.shape[-2]}×{xb.shape[-1]} inputs): what excites it most, made and found")
+    fig.tight_layout(rect=(0, 0, 1, 0.9)) # the title above the tiles' titles
+    return show_once(fig)
 
 # %% ../nbs/03a_inside.ipynb #ca9c97a2
 @patch

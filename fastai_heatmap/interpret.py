@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 from fastcore.basics import ifnone, patch
 from fastcore.foundation import L
 from fastcore.xtras import is_listy
-from fastai.interpret import ClassificationInterpretation
+from fastai.interpret import Interpretation, ClassificationInterpretation
 from fastai.torch_core import TensorImage
 from .core import *
 from .draw import *
@@ -52,19 +52,23 @@ def _target_fn(interp, target):
 # %% ../nbs/04_interpret.ipynb #16d125ed
 class HeatmapInterpretation(ClassificationInterpretation):
     "`ClassificationInterpretation` that also shows where the model looked: top losses, classes and confusions with heatmaps"
+    def __init__(self, learn, dl, losses, act=None):
+        if task_of(learn) != 'segmentation': return super().__init__(learn, dl, losses, act)
+        Interpretation.__init__(self, learn, dl, losses, act)
+        self.vocab = vocab_of(learn) # the mask codes: a `MaskBlock` keeps them in an item transform, where `dl.vocab` does not look
 
     @classmethod
     def from_learner(cls,
-        learn, # The learner to interpret (a vision classifier)
+        learn, # The learner to interpret (a vision classifier, or a segmentation learner)
         ds_idx:int=1, # Index of `learn.dls` when `dl` is None (1: the validation set)
         dl=None, # A `DataLoader` to interpret, such as `learn.dls.test_dl(files, with_labels=True)`
         act=None, # Override the learner's activation (outputs to probabilities)
     ):
         "Construct the interpretation from a learner, as fastai's, after checking that it can be; processes launched together share the predictions out"
         check_vision_learner(learn)
-        if task_of(learn) != 'classification':
-            raise TypeError(f"HeatmapInterpretation explains classifiers, and this is a {task_of(learn)} learner (its targets have no vocab of classes per image): "
-                            "its top losses are not supported yet. `learn.heatmap` and `learn.show_cam` explain it (a class over a region for segmentation, an output for regression).")
+        if task_of(learn) == 'regression':
+            raise TypeError("HeatmapInterpretation explains classifiers and segmentation learners, and this is a regression learner (its targets have no vocab of classes): "
+                            "its top losses are not supported yet. `learn.heatmap` and `learn.show_cam` explain it (an output, `targets=i`).")
         if dl is None:
             if ds_idx >= len(learn.dls.loaders) or len(learn.dls[ds_idx].dataset) == 0:
                 raise ValueError(f"This learner has no data in `learn.dls[{ds_idx}]` (a learner from `load_learner` keeps none). "
@@ -99,7 +103,7 @@ class HeatmapInterpretation(ClassificationInterpretation):
         if any(not isinstance(i, (int, np.integer)) or not 0 <= i < n for i in idxs): raise IndexError(f"Dataset indices must be ints in range({n}).")
         check_bs(bs)
         fn, mask = _target_fn(self, target)
-        dl = self.learn.dls.test_dl(self.items(idxs), with_labels=True, bs=ifnone(bs, self.dl.bs), num_workers=0)
+        dl = items_dl(self.learn, self.items(idxs), bs=ifnone(bs, self.dl.bs), with_labels=True)
         e, imgs, ys = explain_dl(self.learn, dl, targets=fn, method=method, layer=layer, with_input=with_input, with_labels=True, act=self.act, **kwargs)
         if mask is not None: e = e._replace(maps=e.maps * mask(e.preds, ys)[..., None, None].to(e.maps.dtype))
         return e, imgs, ys
@@ -130,6 +134,51 @@ def _top(interp, k, largest):
     if k > n: raise ValueError(f"`k` is {k}, but the dataset has only {n} items.")
     return interp.top_losses(int(k), largest)
 
+# %% ../nbs/04_interpret.ipynb #d8f9413f
+def _seg_errors(learn, target):
+    "Functions of (preds (B, C, H, W), masks (B, H, W)) giving the class of each item with the largest error there, and the pixels of that error (see above)"
+    if target == 'both': raise ValueError("target='both' is for classifiers; a segmentation learner's top losses explain one class: 'pred', 'actual' or a label.")
+    if target not in ('pred', 'actual'): target = label_targets(learn, target, 1)[0].item()
+    def wrong(p, y): # (B, C, H, W): the wrong pixels counted for each class
+        pred = p.argmax(1)
+        y = y.as_subclass(Tensor).long().to(pred.device)
+        if y.shape != pred.shape: raise ValueError(f"The masks are {tuple(y.shape[-2:])} and the model's outputs {tuple(pred.shape[-2:])}: the errors of a segmentation learner are counted pixel for pixel.")
+        one = lambda t: F.one_hot(t, p.shape[1]).permute(0, 3, 1, 2).bool()
+        if target == 'pred': return one(pred) & (pred != y)[:, None], pred
+        if target == 'actual': return one(y) & (pred != y)[:, None], pred
+        return one(pred) ^ one(y), pred
+    def classes(p, y):
+        w, pred = wrong(p, y)
+        n = w.flatten(2).sum(2)
+        if not isinstance(target, str): return torch.full((len(p),), target, device=p.device)
+        most = F.one_hot(pred.flatten(1), p.shape[1]).sum(1).argmax(1) # no wrong pixel: the class predicted at the most pixels
+        return torch.where(n.amax(1) > 0, n.argmax(1), most)
+    def region(p, y):
+        (w, pred), c = wrong(p, y), classes(p, y)
+        r = w[torch.arange(len(p), device=p.device), c]
+        return torch.where(r.flatten(1).any(1)[:, None, None], r, pred == c[:, None, None])
+    return classes, region
+
+def _plot_seg_top_losses(interp, k, largest, method, target, layer, alpha, cmap, show_text, figsize, **kwargs):
+    "A row per top loss: the ground truth and the prediction over the image, and the map of the class with the largest error, its pixels outlined"
+    losses, idx = _top(interp, k, largest)
+    learn = interp.learn
+    fn, region = _seg_errors(learn, target)
+    e, imgs, ys = interp.explain(idx, fn, method=method, layer=layer, with_input=True, warn_small=True, region=region, **kwargs)
+    pred, n_cls, labels = e.preds.argmax(1).cpu(), e.preds.shape[1], vocab_of(learn)
+    fig, axs = plt.subplots(len(idx), 3, figsize=ifnone(figsize, (9, 3.2*len(idx))), squeeze=False)
+    for i, l in enumerate(losses.tolist()):
+        c, r = e.targets[i].item(), e.regions[i].cpu()
+        name, err = label_of(learn, c), int(((pred[i] == c) != (ys[i].cpu() == c)).sum())
+        show_mask(ys[i].cpu(), imgs[i], ax=axs[i, 0], n_classes=n_cls, labels=labels, title=f"actual / loss {l:.2f}" if show_text else None)
+        show_mask(pred[i], imgs[i], ax=axs[i, 1], n_classes=n_cls, title="predicted" if show_text else None)
+        show_heatmap(imgs[i], e.maps[i], ax=axs[i, 2], alpha=alpha, cmap=cmap, outline=r, title=f"map for {name}\n{int(r.sum())} pixels outlined, {err} wrong" if show_text else None,
+                     **color_range(kwargs.get('norm', 'image')))
+        axs[i, 2].axis('off')
+    if show_text: fig.suptitle(f"Ground truth / prediction / map of the class with the largest error — {e.method}" + (f" at layer {e.layer!r}" if e.layer else ""))
+    fig.tight_layout()
+    return show_once(fig)
+
 # %% ../nbs/04_interpret.ipynb #ff5713c4
 @patch
 @delegates_kept(HeatmapInterpretation.explain, but=['idxs', 'target', 'method', 'layer', 'with_input'])
@@ -147,7 +196,10 @@ def plot_top_losses(self:HeatmapInterpretation,
     nrows:int|None=None, ncols:int|None=None, # Grid shape (fastai's `get_grid` defaults)
     **kwargs,
 ):
-    "Show the top losses, each image with where the model looked; returns the figure"
+    "Show the top losses, each image with where the model looked (for a segmentation learner: a row per image, its masks and the map); returns the figure"
+    if heatmap and task_of(self.learn) == 'segmentation':
+        if nrows is not None or ncols is not None: raise ValueError("A segmentation learner's top losses are a row per image (ground truth, prediction, map): `nrows` and `ncols` do not apply.")
+        return _plot_seg_top_losses(self, k, largest, method, target, layer, alpha, cmap, show_text, figsize, **kwargs)
     if not heatmap:
         ClassificationInterpretation.plot_top_losses(self, k, largest, figsize=figsize, nrows=nrows, ncols=ncols, **kwargs)
         return plt.gcf()
@@ -274,7 +326,7 @@ def class_heatmaps(self:HeatmapInterpretation,
         raise ValueError(f"`max_n` is the number of items per class to average, an int ≥ 1 (or None for all); got {max_n!r}.")
     fn, mask = _target_fn(self, target)
     multi, n_cls = mask is not None, len(vocab_of(self.learn))
-    dl = self.dl if max_n is None else self.learn.dls.test_dl(self.items(_first_per_class(self, target, max_n)), with_labels=True, num_workers=0)
+    dl = self.dl if max_n is None else items_dl(self.learn, self.items(_first_per_class(self, target, max_n)), with_labels=True)
     sums = cnt = img_sum = info = None
     for e, xb, yb in explain_batches(self.learn, shard_dl(dl), targets=fn, method=method, layer=layer, norm=norm, act=self.act, **kwargs):
         xb, yb = xb.as_subclass(Tensor), yb.as_subclass(Tensor)

@@ -27,9 +27,9 @@ from .draw import *
 
 # %% auto #0
 __all__ = ['check_vision_learner', 'is_multilabel', 'vocab_of', 'label_of', 'probs_of', 'task_of', 'thresh_of', 'image_type',
-           'as_items', 'load_item', 'unreadable', 'unreadable_error', 'check_bs', 'size_groups', 'input_region',
-           'label_targets', 'autocast_of', 'check_decoded', 'warn_coarse', 'explain_batches', 'explain_dl',
-           'no_evidence']
+           'as_items', 'ImageFile', 'load_item', 'unreadable', 'unreadable_error', 'check_bs', 'size_groups',
+           'items_dl', 'input_region', 'label_targets', 'autocast_of', 'check_decoded', 'warn_coarse',
+           'learner_batches', 'explain_batches', 'explain_dl', 'no_evidence']
 
 # %% ../nbs/03_learner.ipynb #7dae69ac
 def check_vision_learner(learn:Learner):
@@ -96,15 +96,21 @@ def _pixels_error(o):
     raise TypeError(f"An image given as an array or tensor should hold uint8 pixels (0 to 255), as PIL and `learn.predict` take them; got {o.dtype}. "
                     "For floats in [0, 1]: `(x*255).round()` as uint8.")
 
+class ImageFile(type(Path())):
+    "The path of an image file checked by `load_item`, with the image's (width, height) from its header (`image_size`), read once"
+    image_size:tuple|None = None
+
 def load_item(o, learn:Learner|None=None):
-    "`o` checked and ready for `learn.dls.test_dl`: a file is checked (and read there, in its batch); an image in memory is converted to the learner's image type and mode"
+    """`o` checked and ready for `learn.dls.test_dl`: a file is checked, its header read once (an `ImageFile`; its pixels are read in its batch);
+    an image in memory is converted to the learner's image type and mode"""
     cls = image_type(learn) if learn is not None else PILImage
+    if isinstance(o, ImageFile) and o.image_size is not None: return o # checked already
     if isinstance(o, (str, Path)):
-        p = Path(o)
+        p = ImageFile(o)
         if not p.exists(): raise FileNotFoundError(f"No such image file: '{p}'.")
         if p.is_dir(): raise IsADirectoryError(f"'{p}' is a folder, not an image: pass its image files (fastai's `get_image_files` lists them).")
         try:
-            with Image.open(p) as im: im.size # reads the header only
+            with Image.open(p) as im: p.image_size = im.size # reads the header only
         except Exception as e: raise ValueError(f"Could not read '{p}' as an image ({type(e).__name__}: {e}); is the file corrupt, or not an image?") from None
         return p
     if isinstance(o, Image.Image):
@@ -152,7 +158,8 @@ def check_bs(bs):
     if bs is not None and (not isinstance(bs, (int, np.integer)) or isinstance(bs, bool) or bs < 1): raise ValueError(f"`bs` is a batch size, an int ≥ 1; got {bs!r}.")
 
 def _raw_size(o):
-    "The (width, height) of an item before any transform, if it is an image"
+    "The (width, height) of an item before any transform, if it is an image (a file's from `load_item`, when it read it)"
+    if isinstance(o, ImageFile) and o.image_size is not None: return o.image_size
     if isinstance(o, Path):
         with Image.open(o) as im: return im.size
     return o.size if isinstance(o, Image.Image) else None
@@ -174,6 +181,18 @@ def size_groups(
                 shapes[raw] = tuple(out.shape[-2:]) if hasattr(out, 'shape') else raw[::-1]
         groups.setdefault(shapes[raw], []).append(i)
     return groups
+
+def items_dl(
+    learn:Learner, # A vision learner
+    items:list, # Items from `load_item`
+    bs:int|None=None, # Batch size (the validation `DataLoader`'s by default)
+    **kwargs, # Passed to `learn.dls.test_dl` (such as `with_labels`)
+):
+    """`learn.dls.test_dl(items, bs)`, loaded as `learn.get_preds` loads a test set: by the `DataLoaders`' worker processes (their `num_workers`),
+    but in this process when the items fit in one batch, as `learn.predict` loads its item (starting workers costs more than one batch)"""
+    bs = ifnone(bs, learn.dls.valid.bs)
+    if len(items) <= bs: kwargs = {'num_workers': 0, **kwargs}
+    return learn.dls.test_dl(items, bs=bs, **kwargs)
 
 _regions = weakref.WeakKeyDictionary()
 
@@ -216,7 +235,7 @@ def input_region(
         r = (np.arange(n) + .5) / n * 255
         return np.clip(np.floor(r.reshape(shape) + rng.random((H, W))), 0, 255).astype(np.uint8)
     ims = [Image.fromarray(ramp(W, (1, W))), Image.fromarray(ramp(H, (H, 1)))]
-    dl = learn.dls.test_dl([cls.create(im.convert(mode)) for im in ims], num_workers=0, bs=2) # both ramps in one batch, whatever the learner's batch size
+    dl = items_dl(learn, [cls.create(im.convert(mode)) for im in ims], bs=2) # both ramps in one batch, whatever the learner's batch size
     dec = _undo_batch_tfms(dl, dl.one_batch()[0])[:, 0] # (2, h, w) pixel values
     h, w = dec.shape[-2:]
     mid = lambda n: slice(int(n * .3), max(int(n * .7), int(n * .3) + 1))
@@ -311,6 +330,13 @@ def _batches(learn, dl):
         except (OSError, ValueError, RuntimeError) as e: raise unreadable_error(list(getattr(dl, 'items', [])), e) from None
         yield b
 
+def learner_batches(
+    learn:Learner, # A learner (its `no_bar()` state decides the bar)
+    dl, # A `DataLoader` of `learn.dls`
+):
+    "The batches of `dl`, with a progress bar unless `learn.no_bar()` (none for one batch), and an error naming the files when one cannot be loaded"
+    return _batches(learn, dl)
+
 @delegates_kept(explain, but=['model', 'xb', 'targets', 'method', 'layer'])
 def explain_batches(
     learn:Learner, # A vision learner
@@ -319,6 +345,7 @@ def explain_batches(
     method:str='gradcam', # A method's name (`list_methods()`)
     layer=None, # Module or dotted name of the layer, for methods at a layer; None for `default_layer`
     warn_small:bool=False, # Warn (once) when the layer's maps are smaller than 4×4
+    region=None, # For segmentation learners: the pixels whose class scores are summed (see `explain`), or a function of (preds, labels) giving them
     **kwargs,
 ):
     "For each batch of `dl`: its `Explanation`, its input batch and its labels (None without labels)"
@@ -329,7 +356,8 @@ def explain_batches(
         meth = get_method(method)
         if meth.uses_layer and not isinstance(mod, nn.Module): mod = resolve_layer(model, layer, xb.as_subclass(Tensor), meth.min_size)[0]
         tg = (lambda p, yb=yb: targets(p, yb)) if callable(targets) else targets[i:i+len(xb)] if isinstance(targets, Tensor) and targets.ndim else targets
-        with autocast_of(learn): e = explain(model, xb, tg, method=method, layer=mod, **{'bar': _bar(learn), **kwargs})
+        reg = (lambda p, yb=yb: region(p, yb)) if callable(region) else region
+        with autocast_of(learn): e = explain(model, xb, tg, method=method, layer=mod, region=reg, **{'bar': _bar(learn), **kwargs})
         if warn_small: warn_coarse(model, xb, e, meth)
         i += len(xb)
         yield e, xb, yb
@@ -378,7 +406,8 @@ def explain(self:Learner,
     tg = label_targets(self, targets, len(items))
     if task == 'regression': tg, kwargs = _regression(tg, sign, kwargs)
     if callable(tg): tg = lambda p, y, f=tg: f(p) # a function of the predictions, as in the engine
-    dl = self.dls.test_dl(items, bs=ifnone(bs, self.dls.valid.bs), num_workers=0)
+    if callable(kwargs.get('region')): kwargs['region'] = lambda p, y, f=kwargs['region']: f(p)
+    dl = items_dl(self, items, bs=bs)
     e, imgs, _ = explain_dl(self, dl, targets=tg, method=method, layer=layer, with_input=with_input, **kwargs)
     if task == 'regression' and sign == -1: e = e._replace(targets=torch.full_like(e.targets, kwargs['score'].output), negative=torch.ones_like(e.negative))
     return (e, imgs) if with_input else e
@@ -522,10 +551,10 @@ def _show_segmentation(learn, item, target, method, layer, alpha, cmap, figsize,
     fig, axs = plt.subplots(1, 3, figsize=figsize or (9, 3.4))
     im = img.float() / (255 if img.max() > 1 else 1) # decoded pixels: 0 to 255 (or 0 to 1)
     axs[0].imshow(im.permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy(), cmap='gray' if img.shape[0] == 1 else None); axs[0].set_title('image')
-    axs[1].imshow(pred.numpy(), cmap='tab10', vmin=0, vmax=9, interpolation='nearest')
-    axs[1].set_title('predicted mask' + (f"\n{name}: {(pred == e.targets[0].item()).float().mean().item():.0%} of pixels"))
-    show_heatmap(img, e.maps[0], ax=axs[2], alpha=alpha, cmap=cmap, colorbar=colorbar, title=f"map for {name}\n{_where(e)}", **color_range(kwargs.get('norm', 'image')))
-    axs[2].contour(e.regions[0].cpu().float().numpy(), levels=[.5], colors='cyan', linewidths=1)
+    show_mask(pred, ax=axs[1], n_classes=e.preds.shape[1], labels=vocab_of(learn),
+              title='predicted mask' + (f"\n{name}: {(pred == e.targets[0].item()).float().mean().item():.0%} of pixels"))
+    show_heatmap(img, e.maps[0], ax=axs[2], alpha=alpha, cmap=cmap, colorbar=colorbar, title=f"map for {name}\n{_where(e)}", outline=e.regions[0],
+                 **color_range(kwargs.get('norm', 'image')))
     for a in axs: a.axis('off')
     fig.tight_layout()
     return list(axs)

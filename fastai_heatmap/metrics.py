@@ -151,7 +151,7 @@ def heatmap_faithfulness(
         tg = [targets[i] for i in ix] if is_listy(targets) else targets
         if maps is None: e = learn.explain(group, tg, method=method, **kwargs)
         elif tg is not None: tg = label_targets(learn, tg, len(group))
-        dl = learn.dls.test_dl(group, bs=ifnone(kwargs.get('bs'), learn.dls.valid.bs), num_workers=0)
+        dl = items_dl(learn, group, bs=kwargs.get('bs'))
         k = 0
         for b in dl:
             xb = b[0]
@@ -228,7 +228,7 @@ def randomize_(
 def _explain_items(learn, items, targets, method, layer, **kwargs):
     "The `Explanation` of `items` by `learn`, with their normalized batch and their decoded images"
     e, imgs = learn.explain(items, targets, method=method, layer=layer, with_input=True, **kwargs)
-    xb = torch.cat([b[0].as_subclass(Tensor) for b in learn.dls.test_dl([load_item(o, learn) for o in items], bs=len(items), num_workers=0)])
+    xb = torch.cat([b[0].as_subclass(Tensor) for b in items_dl(learn, [load_item(o, learn) for o in items], bs=len(items))])
     return e, xb, imgs
 
 def _in_order(model, xb, blocks):

@@ -198,10 +198,13 @@ def shortcut_flags(
     agreement_min:float=0.95, # Flag a class whose maps agree at least this much (cosine similarity of two maps: 1 when they are all alike)...
     agreement_margin:float=0.2, # ...and this much more than two maps of any class do
     min_n:int=5, # Classes with fewer items are not judged
+    evidence:Tensor|None=None, # Items per class whose map holds positive evidence (is not 0 everywhere); None: all of them
 )->list:
-    "Why each class looks like a shortcut ('' when it does not): attention on the image's border, or always in the same place wherever the object is"
+    """Why each class looks like a shortcut ('' when it does not): attention on the image's border, or always in the same place wherever the object is.
+    A class is judged on its maps that hold evidence: with fewer than `min_n` of them (a class the method finds no positive evidence for), it is not flagged"""
     res = []
-    for b, a, n in zip(border_share.tolist(), agreement.tolist(), counts.tolist()):
+    ev = counts if evidence is None else torch.minimum(torch.as_tensor(counts), torch.as_tensor(evidence))
+    for b, a, n in zip(border_share.tolist(), agreement.tolist(), ev.tolist()):
         why = []
         if n >= min_n and b > border_ratio * uniform: why.append(f"border: {b:.0%} of its mean map in the border band (a uniform map: {uniform:.0%})")
         if n >= min_n and not math.isnan(a) and not math.isnan(overall) and a >= agreement_min and a > overall + agreement_margin:
@@ -216,7 +219,7 @@ def _class_table(learn, t:Tally, border:float, labelled:bool, **flag_kw)->tuple:
     mean_maps = t.maps / n.clamp_min(1)[:, None, None]
     bm, uni = border_mass(mean_maps, border)
     agree = t.agreement()
-    flags = shortcut_flags(bm, uni, agree, t.overall_agreement(), n, **flag_kw)
+    flags = shortcut_flags(bm, uni, agree, t.overall_agreement(), n, evidence=t.nonzero, **flag_kw)
     items = t.items
     acc = [float(((items.label == c) & (items.pred == c)).sum() / max(1, (items.label == c).sum())) if labelled else float('nan') for c in range(t.n_cls)]
     df = pd.DataFrame({'class': [label_of(learn, c) for c in range(t.n_cls)], 'n': n.long().tolist(), 'accuracy': acc,
@@ -316,8 +319,9 @@ nav{font-size:.95rem;display:flex;flex-wrap:wrap;gap:.1rem .9rem;margin-top:.3re
 a{color:#0b57d0}
 .scroll{overflow-x:auto;-webkit-overflow-scrolling:touch;max-width:100%}
 table{border-collapse:collapse;font-size:.92rem;margin:.4rem 0}
-th,td{padding:.25rem .55rem;border-bottom:1px solid #e3e3e3;text-align:right;white-space:nowrap}
-th:first-child,td:first-child{text-align:left} td.text{text-align:left;white-space:normal;min-width:12rem}
+th,td{padding:.25rem .55rem;border-bottom:1px solid #e3e3e3;text-align:left;white-space:nowrap}
+th.num,td.num{text-align:right;font-variant-numeric:tabular-nums} td.text{white-space:normal;min-width:12rem}
+.scroll tr>:first-child{position:sticky;left:0;background:#fafafa} .scroll tbody tr>:first-child{box-shadow:inset -1px 0 #e3e3e3}
 dl.run{display:grid;grid-template-columns:max-content 1fr;gap:.15rem 1rem;margin:.5rem 0}
 dl.run dt{font-weight:600} dl.run dd{margin:0;overflow-wrap:anywhere}
 figure{margin:.8rem 0} figcaption{font-size:.88rem;color:#3c4043;margin-top:.35rem}
@@ -356,15 +360,18 @@ def _pair_tile(img, hms:list, cap:str, alts:list, alpha:float, cmap:str, cls:str
     pics = ''.join(_img(_tile_px(img, m, alpha, cmap), a) for m, a in zip(hms, alts))
     return f'<figure class="tile{" " + cls if cls else ""}"><div class="pair">{pics}</div><figcaption class="cap">{cap}</figcaption></figure>'
 
-def _table(df:pd.DataFrame, fmt:dict|None=None, text:tuple=())->str:
-    "A DataFrame as an HTML table in a scrolling box"
+def _table(df:pd.DataFrame, fmt:dict|None=None, text:tuple=(), numeric:tuple=())->str:
+    """A DataFrame as an HTML table in a scrolling box: numbers (numeric columns, and those in `numeric`) right-aligned, other columns left-aligned;
+    columns in `text` wrap"""
     fmt = fmt or {}
-    head = ''.join(f'<th scope="col">{_e(c)}</th>' for c in df.columns)
+    num = {c for c in df.columns if c in numeric or (pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]))}
+    cls = lambda c: ' class="num"' if c in num else ' class="text"' if c in text else ''
+    head = ''.join(f'<th scope="col"{cls(c)}>{_e(c)}</th>' for c in df.columns)
     def cell(c, v):
         if isinstance(v, float) and math.isnan(v): s = '–'
         elif c in fmt: s = fmt[c](v)
         else: s = _e(v)
-        return f'<td class="text">{s}</td>' if c in text else f'<td>{s}</td>'
+        return f'<td{cls(c)}>{s}</td>'
     body = ''.join('<tr>' + ''.join(cell(c, v) for c, v in zip(df.columns, r)) + '</tr>' for r in df.itertuples(index=False))
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
@@ -381,9 +388,9 @@ def _confusion_html(cm:pd.DataFrame)->str:
     rows = []
     for i, (lbl, r) in enumerate(zip(cm.index, vals)):
         tot = max(1, r.sum())
-        cells = ''.join(f'<td style="background:rgba({"19,115,51" if i == j else "197,34,31"},{0.08 + 0.7 * v / tot if v else 0:.2f})">{v}</td>' for j, v in enumerate(r))
+        cells = ''.join(f'<td style="background:rgba({"19,115,51" if i == j else "197,34,31"},{0.08 + 0.7 * v / tot if v else 0:.2f})" class="num">{v}</td>' for j, v in enumerate(r))
         rows.append(f'<tr><th scope="row">{_e(lbl)}</th>{cells}</tr>')
-    head = ''.join(f'<th scope="col">{_e(c)}</th>' for c in cm.columns)
+    head = ''.join(f'<th scope="col" class="num">{_e(c)}</th>' for c in cm.columns)
     return (f'<div class="scroll"><table class="cm"><thead><tr><th>actual ↓ predicted →</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>')
 
 def _page(title:str, sections:list)->str:
@@ -572,7 +579,7 @@ def model_report(
         sections.append(('faithfulness', 'Faithfulness', f"<p>Deletion AUC (the probability of the predicted class as the pixels the map ranks highest are removed first; lower is better) and insertion AUC "
                          f"(as they are put back into a blurred image; higher is better), Petsiuk et al. 2018, {faith_steps} steps, on {len(fidx)} images chosen at random, "
                          f"against a random map. ✓: better than the random map.</p>"
-                         + _table(ft, {'deletion': str, 'insertion': str}, text=('note',))
+                         + _table(ft, {'deletion': str, 'insertion': str}, text=('note',), numeric=('deletion', 'insertion'))
                          + f'<p class="muted">Maps at each method\'s own layer; {what.split(":")[0]} for the report\'s method.</p>'))
     # sanity check
     sanity, verdict = None, ''
@@ -622,7 +629,7 @@ def model_report(
         comp = dict(name=names[1], architecture=_model_desc(compare), accuracy=acc_b, classes=cls_b, moved=movers, rank_corr_mean=float(rho.mean()), rank_corr_median=float(rho.median()))
         sections.append(('compare', f'{names[0]} and {names[1]}',
             f"<p>The same {n} images through both models. Rank correlation of their maps of each image (for its {'label' if labelled else 'prediction by ' + _e(names[0])}): "
-            f"mean {float(rho.mean()):.2f}, median {float(rho.median()):.2f}.</p>" + _table(accs, {'accuracy': lambda v: '–' if v is None else f"{v:.1%}"}, text=('flagged',)) +
+            f"mean {float(rho.mean()):.2f}, median {float(rho.median()):.2f}.</p>" + _table(accs, {'accuracy': lambda v: '–' if v is None else f"{v:.1%}"}, text=('flagged',), numeric=('accuracy',)) +
             f'<h3>Where each looks, per class</h3><figure><div class="tiles">{"".join(cells)}</div><figcaption>Left: {_e(names[0])}, {what}. Right: {_e(names[1])}, {what_b}.</figcaption></figure>'
             f'<h3>The images whose maps moved most</h3><figure><div class="tiles">{"".join(r["_html"] for r in mv)}</div><figcaption>Lowest rank correlation first. Left: {_e(names[0])}, {what}; right: {_e(names[1])}, {what_b}.</figcaption></figure>'))
     total = time.perf_counter() - t0

@@ -112,9 +112,18 @@ def test_explanation_reads_in_a_line(kernel):
     "interp.plot_confused_heatmaps() if 'interp' in dir() else HeatmapInterpretation.from_learner(learn).plot_confused_heatmaps()",
     "fig = learn.show_cams(fns[:3])", # assigned: the backend shows it at the end of the cell
     "fig = learn.show_cams(fns[:3])\nfig", # assigned, then the cell's value: still once
+    "learn.max_activation(['0', '7'], steps=2, show=True)", # images returned, their figure shown once (issue 20)
 ])
 def test_drawing_calls_show_once(kernel, code):
     quiet(kernel.run(code))
+
+
+def test_max_activation_reads_in_a_line(kernel):
+    "`max_activation` without `show`: its images as a cell's value read in a line, never `TensorImage([[[…`"
+    out = kernel.run("learn.max_activation('7', steps=2)")
+    assert out['images'] == 0 and len(out['texts']) == 1 and not out['streams'].strip(), out
+    t = out['texts'][0]
+    assert t.startswith('ActivationImages((3, 64, 64)') and len(t.splitlines()) == 1 and not TENSOR_DUMP.search(t), t
 
 
 def test_loop_shows_each(kernel):

@@ -1,4 +1,5 @@
-"""Learner methods on the demo learner: items of every kind, labels, pictures, the pointing game, and bad input."""
+"""Learner methods on the demo learner: items of every kind, labels, pictures, and bad input. (Outcomes of a trained network, such as
+the pointing game, are tested on the pretrained weights: tests/test_pretrained.py.)"""
 import warnings
 import numpy as np, pandas as pd, pytest, torch
 from pathlib import Path
@@ -9,21 +10,6 @@ from fastai.tabular.all import TabularDataLoaders, tabular_learner, Categorify, 
 from fastai.data.core import DataLoaders
 from fastai_heatmap.all import *
 from conftest import model_state, assert_same_state
-
-
-def test_demo_accuracy_and_pointing_game(demo):
-    "The demo model is good (≥ 95%), and its Grad-CAM peak falls on the digit for ≥ 90% of correct images at a 4×4 layer"
-    fns = demo.dls.valid_ds.items
-    e = demo.explain(fns, layer='0.6', upsample=False)
-    assert e.layer_size == (4, 4)
-    truth = torch.tensor([demo.dls.vocab.o2i[f.parent.name] for f in fns])
-    ok = e.preds.argmax(1) == truth
-    assert ok.float().mean() >= 0.95
-    hit = pointing_game(e.maps, get_boxes(demo.dls.path, fns), img_size=(64, 64))
-    assert hit[ok].float().mean() >= 0.9, hit[ok].float().mean()
-    # a map that ignores the image would not pass: the centre of the image is on the digit far less often
-    centre = torch.zeros_like(e.maps); centre[:, 1:3, 1:3] = 1
-    assert pointing_game(centre, get_boxes(demo.dls.path, fns), img_size=(64, 64))[ok].float().mean() < hit[ok].float().mean()
 
 
 def test_items_and_targets(demo):
@@ -184,3 +170,42 @@ def test_no_bar(demo):
         return buf.getvalue()
     assert '3/3' in printed(contextlib.nullcontext())
     assert printed(demo.no_bar()) == ''
+
+
+def test_items_loaded_as_get_preds_loads_them(demo, monkeypatch):
+    """Items that fill more than one batch are loaded by the `DataLoaders`' workers, as `learn.get_preds` loads a test set (giving the same maps
+    as loading them in this process); one batch is loaded in this process, as `learn.predict` loads its item"""
+    fs = list(demo.dls.valid_ds.items[:12])
+    with demo.no_bar(): ref = explain_dl(demo, demo.dls.test_dl(fs, bs=4, num_workers=0))[0].maps
+    workers, orig = [], type(demo.dls).test_dl
+    def spy(self, *args, **kwargs):
+        dl = orig(self, *args, **kwargs); workers.append(dl.fake_l.num_workers); return dl
+    monkeypatch.setattr(type(demo.dls), 'test_dl', spy)
+    monkeypatch.setattr(demo.dls.valid.fake_l, 'num_workers', 2) # a learner whose DataLoaders load with 2 workers
+    with demo.no_bar(): e = demo.explain(fs, bs=4) # three batches
+    assert workers == [2]
+    torch.testing.assert_close(e.maps, ref)
+    with demo.no_bar(): demo.explain(fs[:4], bs=4); demo.heatmap(fs[0])
+    assert workers[1:] == [0, 0]
+    assert items_dl(demo, fs, bs=4, num_workers=1).fake_l.num_workers == 1 # the caller's choice wins
+
+
+def test_file_header_read_once(demo, monkeypatch):
+    """Each file is opened once for its header (`load_item`, an `ImageFile` with `image_size`) and once for its pixels in its batch;
+    `learn.show_cams` a third time, for the original it draws on. Grouping by size, and `load_item` of an `ImageFile`, read nothing again"""
+    fs = list(demo.dls.valid_ds.items[:6])
+    opened, orig = [], Image.open
+    def spy(fp, *args, **kwargs): opened.append(str(fp)); return orig(fp, *args, **kwargs)
+    monkeypatch.setattr(Image, 'open', spy)
+    items = [load_item(f, demo) for f in fs]
+    assert all(isinstance(o, ImageFile) and o == f and o.image_size == (64, 64) for o, f in zip(items, fs))
+    assert len(opened) == len(fs)
+    assert [load_item(o, demo) for o in items] == items and size_groups(demo, items) == {(64, 64): list(range(len(fs)))} and len(opened) == len(fs)
+    opened.clear()
+    with demo.no_bar(): demo.explain(fs)
+    assert sorted(opened) == sorted(map(str, fs * 2)), opened
+    opened.clear()
+    import matplotlib.pyplot as plt
+    with demo.no_bar(): demo.show_cams(fs)
+    plt.close('all')
+    assert sorted(opened) == sorted(map(str, fs * 3)), opened

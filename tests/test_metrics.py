@@ -23,12 +23,6 @@ def timm_plain(demo):
     return Learner(demo.dls, timm.create_model('resnet18', pretrained=False, num_classes=4), loss_func=CrossEntropyLossFlat())
 
 
-def _boxes_as_maps(learn, fns):
-    m = torch.zeros(len(fns), 64, 64)
-    for i, (x0, y0, x1, y1) in enumerate(get_boxes(learn.dls.path, fns).tolist()): m[i, y0:y1, x0:x1] = 1
-    return m
-
-
 def test_metrics_live_in_one_place():
     assert interpret.border_mass is metrics.border_mass
     assert not hasattr(data, 'pointing_game')
@@ -90,20 +84,20 @@ def test_insertion_starts_from_the_blurred_image():
     assert sharper[0] > c[0]
 
 
-def test_faithfulness_on_the_demo_learner(demo):
-    fns = demo.dls.valid_ds.items[:64]
-    rnd = torch.rand(len(fns), 64, 64, generator=torch.Generator().manual_seed(1))
-    before = model_state(demo.model)
-    box = heatmap_faithfulness(demo, fns, maps=_boxes_as_maps(demo, fns), steps=16)
-    random = heatmap_faithfulness(demo, fns, maps=rnd, steps=16)
-    gc = heatmap_faithfulness(demo, fns, 'gradcam', steps=16)
-    assert_same_state(before, model_state(demo.model))
-    for r in (box, random, gc): assert r.shape == (64,) and r.dtype == torch.float32 and ((r >= 0) & (r <= 1)).all()
-    assert box.mean() < random.mean() - 0.15, (box.mean(), random.mean()) # the digit first: the class goes fast
-    assert (box < random).float().mean() > 0.8
-    assert gc.mean() < random.mean() - 0.15
-    ins = lambda **kw: heatmap_faithfulness(demo, fns, metric='insertion', substrate=0., steps=16, **kw).mean()
-    assert ins() > ins(maps=rnd) + 0.05
+def test_faithfulness_beats_a_random_map(imagenet):
+    "On the pretrained network (fixed weights, the same on every machine): inserting the pixels Grad-CAM ranks first brings the class back faster than a random order"
+    from fastai_heatmap.pretrained import sample_photos
+    ph = sample_photos()
+    items, t = [ph[k] for k in ('cat', 'coffee', 'rocket', 'camera')], [285, 967, 657, 872]
+    rnd = torch.rand(len(items), 160, 160, generator=torch.Generator().manual_seed(1))
+    before = model_state(imagenet.model)
+    with imagenet.no_bar():
+        gc = heatmap_faithfulness(imagenet, items, 'gradcam', metric='insertion', targets=t, steps=16)
+        random = heatmap_faithfulness(imagenet, items, maps=rnd, metric='insertion', targets=t, steps=16)
+    assert_same_state(before, model_state(imagenet.model))
+    for r in (gc, random): assert r.shape == (4,) and r.dtype == torch.float32 and ((r >= 0) & (r <= 1)).all()
+    assert gc.mean() > random.mean() + 0.1, (gc, random) # measured: 0.52 against 0.34
+    assert (gc > random).sum() >= 3, (gc, random)
 
 
 def test_faithfulness_batching_and_items(demo):
@@ -130,29 +124,34 @@ def test_rank_correlation_is_spearman():
     with pytest.raises(ValueError, match='different shapes'): rank_correlation(a, b[:, :5])
 
 
-def test_sanity_check_gradcam_loses_the_map_guided_keeps_it(demo):
-    items = demo.dls.valid_ds.items[::4][:32]
-    demo.model.train() # whatever the flags, they come back
-    demo.model[1][-1].weight.grad = torch.ones_like(demo.model[1][-1].weight)
+def test_sanity_check_gradcam_loses_the_map_guided_keeps_it(imagenet):
+    "Cascading randomization on the pretrained network (fixed weights): Grad-CAM's maps decorrelate from the first block randomized, guided backpropagation's barely notice the head"
+    from fastai_heatmap.pretrained import sample_photos
+    ph = sample_photos()
+    items = [ph[k] for k in ('cat', 'coffee', 'rocket', 'camera')]
+    m = imagenet.model
+    m.train() # whatever the flags, they come back
+    m.classifier.weight.grad = torch.ones_like(m.classifier.weight)
     try:
-        before = model_state(demo.model)
-        with demo.no_bar():
-            gc = demo.cam_sanity_check(items, 'gradcam', show=False)
-            gb = demo.cam_sanity_check(items, 'guided', show=False)
-        assert_same_state(before, model_state(demo.model))
+        before = model_state(m)
+        with imagenet.no_bar():
+            gc = imagenet.cam_sanity_check(items, 'gradcam', show=False)
+            gb = imagenet.cam_sanity_check(items, 'guided', show=False)
+        assert_same_state(before, model_state(m))
     finally:
-        demo.model[1][-1].weight.grad = None
-        demo.model.eval()
-    blocks = model_blocks(demo.model)
+        m.classifier.weight.grad = None
+        m.eval()
+    blocks = model_blocks(m)
     assert list(gc.columns) == ['randomized', 'rank_corr'] and list(gc.randomized) == ['none'] + blocks[::-1]
     assert gc.rank_corr.iloc[0] == pytest.approx(1, abs=1e-4) and gb.rank_corr.iloc[0] == pytest.approx(1, abs=1e-4)
-    assert gc.rank_corr.iloc[-1] < 0.3, gc # well below its unrandomized value
-    assert gc.rank_corr.iloc[1:].max() < 0.6, gc
-    assert gb.rank_corr.iloc[1:6].min() > 0.8, gb # guided backpropagation barely notices a random head
+    assert gc.rank_corr.iloc[-1] < 0.3, gc # well below its unrandomized value (measured: -0.03)
+    assert gc.rank_corr.iloc[1:].max() < 0.6, gc # measured: at most 0.14
+    assert gb.rank_corr.iloc[1:4].min() > 0.8, gb # guided backpropagation barely notices a random head (measured: ≥ 0.997)
     assert gb.rank_corr.iloc[-1] > gc.rank_corr.iloc[-1]
-    torch.manual_seed(1); again = demo.cam_sanity_check(items[:4], 'gradcam', show=False)
-    torch.manual_seed(2); assert again.equals(demo.cam_sanity_check(items[:4], 'gradcam', show=False)) # its own seed, whatever the global one
-    assert not again.equals(demo.cam_sanity_check(items[:4], 'gradcam', show=False, seed=1))
+    with imagenet.no_bar():
+        torch.manual_seed(1); again = imagenet.cam_sanity_check(items[:2], 'gradcam', show=False)
+        torch.manual_seed(2); assert again.equals(imagenet.cam_sanity_check(items[:2], 'gradcam', show=False)) # its own seed, whatever the global one
+        assert not again.equals(imagenet.cam_sanity_check(items[:2], 'gradcam', show=False, seed=1))
 
 
 def test_sanity_check_grid(demo):

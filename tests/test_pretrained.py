@@ -82,12 +82,28 @@ def composites(imagenet):
     return xb, torch.tensor(targets), torch.stack(boxes)
 
 
-@pytest.mark.parametrize('method', ['gradcam', 'gradcam++', 'xgradcam', 'layercam', 'hirescam'])
+@pytest.mark.parametrize('method', ['gradcam', 'gradcam++', 'xgradcam', 'layercam', 'hirescam', 'gradcam_elementwise', 'shapleycam'])
 def test_gradcam_family_points_at_each_object(imagenet, composites, method):
     xb, targets, boxes = composites
     maps = heatmap(imagenet.model, xb, targets=targets, method=method, layer='bn2') # a 5×10 map
     hits = pointing_game(maps, boxes)
     assert hits.float().mean() >= 0.9, f"{method} points at the right object in {int(hits.sum())} of {len(hits)} maps"
+
+
+def test_learner_points_at_each_object_by_class_name():
+    "Through the Learner, as a user calls it: PIL composites, class names as targets, the default layer (and the fastai pipeline's resize and normalisation)"
+    ph, names = P.sample_photos(), {'cat': 'Egyptian cat', 'coffee': 'espresso', 'rocket': 'missile', 'camera': 'tripod'}
+    wide = P.imagenet_learner(size=(160, 320))
+    imgs, targets, boxes = [], [], []
+    for a, b in itertools.permutations(names, 2):
+        img, bx = P.side_by_side([ph[a], ph[b]], size=160)
+        imgs += [img, img]; targets += [names[a], names[b]]; boxes += [bx[0], bx[1]]
+    with wide.no_bar(): e = wide.explain(imgs, targets=targets)
+    assert e.maps.shape[-2:] == (160, 320)
+    hits = pointing_game(e.maps, torch.stack(boxes))
+    assert hits.float().mean() >= 0.9, f"the default layer points at the right object in {int(hits.sum())} of {len(hits)} maps"
+    with wide.no_bar(): pred = wide.explain(imgs) # the predicted class for both copies: the two maps of an image are the same
+    assert torch.equal(pred.maps[0::2], pred.maps[1::2]) and pointing_game(pred.maps, torch.stack(boxes)).float().mean() == 0.5 # one of each pair
 
 
 def test_gradcam_equals_pytorch_grad_cam_on_pretrained(imagenet, photo_batch):

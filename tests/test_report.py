@@ -69,6 +69,21 @@ def in_browser(fn: Path, name: str):
             assert not bad, bad
             assert drv.execute_script("return performance.getEntriesByType('resource').filter(e => !e.name.startsWith('data:')).length") == 0
             assert drv.execute_script("return document.documentElement.scrollWidth") <= w, f'wider than a {w}-pixel screen'
+            # text columns left-aligned, numbers right-aligned (the per-class table and the confused pairs)
+            align = drv.execute_script("""return Object.fromEntries(['classes', 'confused', 'uncertain'].flatMap(s => Array.from(document.querySelectorAll(`#${s} .scroll table`)).flatMap(t =>
+                Array.from(t.querySelectorAll('thead th')).map((h, i) => [s + '.' + h.textContent, [getComputedStyle(h).textAlign,
+                    ...new Set(Array.from(t.querySelectorAll(`tbody tr > :nth-child(${i + 1})`)).map(c => getComputedStyle(c).textAlign))]]))))""")
+            for col in ('classes.class', 'classes.flagged', 'confused.actual', 'confused.predicted'):
+                if col in align: assert align[col] == ['left', 'left'], (col, align[col])
+            for col in ('classes.n', 'classes.border_share', 'classes.agreement', 'confused.n'):
+                if col in align: assert align[col] == ['right', 'right'], (col, align[col])
+            assert 'classes.class' in align and 'classes.n' in align, align
+            # a table wider than the screen scrolls in its box (the page does not)
+            boxes = drv.execute_script("""return Array.from(document.querySelectorAll('.scroll')).map(b => {
+                const wide = b.scrollWidth > b.clientWidth; b.scrollLeft = 10000; return [b.clientWidth, wide, b.scrollLeft]})""")
+            assert all(cw <= w for cw, _, _ in boxes) and all(left > 0 for _, wide, left in boxes if wide), boxes
+            if label == 'phone': assert any(wide for _, wide, _ in boxes), 'no table wider than a phone: the scrolling is not tested'
+            drv.execute_script("document.querySelectorAll('.scroll').forEach(b => b.scrollLeft = 0)")
             drv.set_window_size(w, min(12000, drv.execute_script("return document.body.scrollHeight") + 50))
             wait_loaded(drv, 30)
             drv.save_screenshot(str(SHOTS/f'{name}_{label}.png'))
