@@ -172,7 +172,7 @@ def resolve_targets(
     return t, torch.zeros_like(t, dtype=torch.bool)
 
 def resolve_regions(
-    region, # None for the pixels predicted as each target class; a boolean mask (H, W) or (B, H, W); a box (x0, y0, x1, y1) in the output's pixels; or a function of the outputs giving one of these
+    region, # None for the pixels predicted as each target class; a boolean mask (H, W), (B, H, W) or one per class explained (B, T, H, W); a box (x0, y0, x1, y1) in the output's pixels; or a function of the outputs giving one of these
     preds:Tensor, # A segmentation model's outputs (B, n_classes, H, W)
     targets:Tensor, # The classes explained (B,) or (B, T)
 )->Tensor:
@@ -200,6 +200,9 @@ def resolve_regions(
         except (TypeError, ValueError, RuntimeError): raise TypeError(f"{what}; got {type(region).__name__}.") from None
         if r.dtype != torch.bool: raise TypeError(f"{what}; got {r.dtype} values (use `mask > 0.5`, or `mask == class_index`, for a boolean mask).")
         if r.ndim == 2: r = r[None]
+        if r.ndim == 4 and tuple(r.shape) == (B, cols.shape[1], H, W): # one region per explained class
+            if not r.flatten(2).any(2).all(): raise ValueError("`region` selects no pixel for one of the classes explained: there would be no score to explain.")
+            return r
         if r.ndim != 3 or tuple(r.shape[-2:]) != (H, W) or len(r) not in (1, B): raise ValueError(f"{what}; got shape {tuple(r.shape)}.")
         empty = ~r.flatten(1).any(1)
         if empty.any(): raise ValueError(f"`region` selects no pixel{' of sample ' + str(torch.where(empty)[0][0].item()) if len(r) > 1 else ''}: there would be no score to explain.")
