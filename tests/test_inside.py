@@ -202,6 +202,19 @@ def test_activation_maximization_is_batched(demo):
     torch.testing.assert_close(gb[1:2], g1, rtol=1e-4, atol=1e-6 * g1.abs().max().item())
 
 
+def test_lucid_options_are_batched():
+    """Lucid's options (the Fourier image, random scale and rotation) change nothing between images: several at once give each
+    what it gets alone (the transformations are drawn once per step for the batch, the spectra are per image), on the hand-set model"""
+    x0, t = _noise(3, seed=1), torch.tensor([0, 2, 3])
+    kw = dict(param='fourier', scale=(0.9, 1.1), rotate=10, jitter=8, tv_weight=0.5, lr=0.05, lo=-2., hi=2.)
+    lin = _Linear()
+    both, s, f = optimize_input(lin, x0, t, steps=6, **kw)
+    one, s1, f1 = optimize_input(lin, x0[1:2], t[1:2], steps=6, **kw)
+    torch.testing.assert_close(both[1:2], one, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(f[1:2], f1, rtol=1e-5, atol=1e-5)
+    assert (f > s).all() and both.min() >= -2 and both.max() <= 2 # raised, and in range by the sigmoid
+
+
 def test_show_methods_equals_learn_heatmap(demo, timm_plain):
     fn = demo.dls.valid_ds.items[3]
     for learn, layer in ((demo, None), (demo, '0.5'), (timm_plain, 'layer3')):

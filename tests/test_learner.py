@@ -209,3 +209,20 @@ def test_file_header_read_once(demo, monkeypatch):
     with demo.no_bar(): demo.show_cams(fs)
     plt.close('all')
     assert sorted(opened) == sorted(map(str, fs * 3)), opened
+
+
+def test_no_bar_for_one_batch(demo, tmp_path):
+    "One batch shows no progress bar (`learn.heatmap`, `learn.show_cam`, `fastai-heatmap explain`'s loop); more than one does"
+    import io, contextlib, matplotlib.pyplot as plt
+    from fastai_heatmap.cli import explain_files
+    fs = list(demo.dls.valid_ds.items[:6])
+    def printed(f):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf): f()
+        plt.close('all')
+        return buf.getvalue()
+    assert printed(lambda: demo.heatmap(fs)) == ''
+    assert printed(lambda: demo.show_cam(fs[0])) == ''
+    assert printed(lambda: explain_files(demo, fs, tmp_path/'one', bs=8)) == ''
+    assert '3/3' in printed(lambda: demo.heatmap(fs, bs=2))
+    assert '3/3' in printed(lambda: explain_files(demo, fs, tmp_path/'three', bs=2))
