@@ -6,7 +6,7 @@ Docs: https://fastai-heatmap.github.io/fastai_heatmap/draw.html.md"""
 
 # %% ../nbs/02d_draw.ipynb #4c5d6ccc
 from __future__ import annotations
-import base64, functools, html, io
+import base64, functools, html, io, re, warnings
 import numpy as np, torch
 import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -21,8 +21,8 @@ from fastai.torch_core import show_image, to_np
 from fastai.vision.data import get_grid
 
 # %% auto #0
-__all__ = ['HeatmapFigure', 'HeatmapAxes', 'AxesList', 'show_once', 'figure_html', 'color_range', 'show_heatmap', 'heatmap_grid',
-           'show_mask', 'heatmap_overlay']
+__all__ = ['HeatmapFigure', 'HeatmapAxes', 'AxesList', 'show_once', 'figure_html', 'ellipsize', 'fit_text', 'color_range',
+           'show_heatmap', 'heatmap_grid', 'show_mask', 'heatmap_overlay']
 
 # %% ../nbs/02d_draw.ipynb #b081e28e
 def _display_figure(fig):
@@ -77,6 +77,96 @@ def figure_html(
     img = f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}" alt="{html.escape(caption, quote=True)}"/>'
     return (f'<p><code>{html.escape(caption)}</code></p>' if caption else '') + img
 
+# %% ../nbs/02d_draw.ipynb #7488915f
+_parts = re.compile(r'( / |/| \(|\)|: | → | for )') # where a line of a title splits into parts (labels, numbers) that are cut separately
+
+def ellipsize(
+    s:str, # One line of text
+    n:int, # The most characters to keep
+)->str:
+    "`s` in at most `n` characters: its longest parts (between ' / ', '/', ' (', ')', ': ', ' → ' and ' for ') cut first, in their middle ('…'), so that short ones (numbers) are kept whole, and labels keep both their ends (which tell apart names that begin alike)"
+    if len(s) <= n: return s
+    parts = _parts.split(s) # parts at even positions, separators at odd ones
+    lens = [len(p) for p in parts[::2]]
+    budget = n - sum(len(p) for p in parts[1::2])
+    cap = max((c for c in range(1, max(lens) + 1) if sum(min(l, c) for l in lens) <= budget), default=0) # the longest parts cut to one length
+    if cap < 4: return s[:max(n - 1, 0)].rstrip() + '…' # no room to cut part by part: the line's end goes
+    cut = lambda p: p[:cap // 2].rstrip() + '…' + p[len(p) - (cap - 1 - cap // 2):].lstrip()
+    return ''.join(p if i % 2 or len(p) <= cap else cut(p) for i, p in enumerate(parts))
+
+def _renderer(fig):
+    "The renderer that measures `fig`'s text: its canvas's, or an Agg canvas's when it has none (a figure closed after a notebook showed it)"
+    if not hasattr(fig.canvas, 'get_renderer'): FigureCanvasAgg(fig)
+    return fig.canvas.get_renderer()
+
+def _too_wide(texts, room, r)->list:
+    "For each text, the factor its widest line is too wide for its room (≤ 1 when it fits)"
+    return [t.get_window_extent(r).width / max(w, 1) for t, w in zip(texts, room)]
+
+def _fit_lines(t, w, r):
+    "Ellipsize each line of text `t` that is wider than `w` pixels at its font size (one measure per line, and one more per cut line)"
+    prop, lines = t.get_fontproperties(), t.get_text().split('\n')
+    for i, l in enumerate(lines):
+        for _ in range(3): # a cut measured again: characters differ in width
+            lw = r.get_text_width_height_descent(l, prop, ismath=False)[0]
+            if lw <= w or len(l) <= 1: break
+            l = ellipsize(l, max(int(len(l) * w / lw) - 1, 1))
+        lines[i] = l
+    t.set_text('\n'.join(lines))
+
+def _shrink(texts, room, r, min_size):
+    "Shrink `texts` by one factor to their rooms (pixels wide), to `min_size` points at least (a text already smaller stays as it is)"
+    k = max(_too_wide(texts, room, r), default=1)
+    if k > 1:
+        k *= 1.03 # widths do not scale exactly with the size (hinting): a little smaller, so that shrinking alone makes it fit
+        for t in texts: t.set_fontsize(max(t.get_fontsize() / k, min(min_size, t.get_fontsize())))
+
+def _fit(texts, room, r, min_size):
+    "Shrink `texts` to their rooms, then ellipsize the lines still too wide"
+    _shrink(texts, room, r, min_size)
+    for t, w, k in zip(texts, room, _too_wide(texts, room, r)):
+        if k > 1: _fit_lines(t, w, r)
+
+def _room(t, W):
+    "How wide figure text `t` may be on a figure `W` pixels wide, from where it is anchored"
+    x = t.get_position()[0] if t.get_transform() == t.figure.transFigure else .5
+    return W * {'left': 1 - x, 'right': x}.get(t.get_horizontalalignment(), 2 * min(x, 1 - x)) * .98
+
+def _widths(axs):
+    "The width of each axes' place in the figure (its grid cell, less its colour bar's), in pixels: a title as wide is over no other's"
+    return [a.get_position(original=True).width * a.figure.bbox.width * .97 for a in axs]
+
+def _tight(fig, titles):
+    """A tight layout of `fig`, with `titles` (texts) replaced while it is computed by as many lines of one short word, so that room is
+    made for their height and not their width; the axes of axes drawn without them (`axis('off')`) hidden meanwhile (they measure their ticks)"""
+    texts = [t.get_text() for t in titles]
+    off = [x for a in fig.axes if not a.axison for x in (a.xaxis, a.yaxis) if x.get_visible()]
+    for t, s in zip(titles, texts): t.set_text('\n'.join('x' for _ in s.split('\n')))
+    for x in off: x.set_visible(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore') # a figure too small for its axes keeps its layout
+            fig.tight_layout()
+    finally:
+        for t, s in zip(titles, texts): t.set_text(s)
+        for x in off: x.set_visible(True)
+
+def fit_text(
+    fig, # A figure drawn by this library (a new one: its layout is redone)
+    min_size:float=7, # Smallest font size, in points, that titles shrink to; lines still too wide then are ellipsized
+    layout:bool=True, # Lay the figure out tight (room made for the titles' height, nothing off the canvas); False: fit to the axes as they are
+):
+    """Make the figure's text fit: the axes' titles in one font size, each no wider than the axes' place, the figure's title and texts no
+    wider than the figure, shrunk (to `min_size` at least) and then ellipsized (`ellipsize`), after a tight layout that makes room
+    for the titles' height (as they are: shrinking them only adds space). Measured with the figure's renderer, without drawing it; returns `fig`"""
+    r = _renderer(fig)
+    for t in dict.fromkeys(filter(None, [fig._suptitle, *fig.texts])): _fit([t], [_room(t, fig.bbox.width)], r, min_size) # the suptitle is one of fig.texts
+    axs = [a for a in fig.axes if a.get_visible() and a.get_title()]
+    if layout: _tight(fig, [a.title for a in axs])
+    _fit([a.title for a in axs], _widths(axs), r, min_size)
+    return fig
+
+
 # %% ../nbs/02d_draw.ipynb #cf2c3cba
 def color_range(
     norm:str|None='image', # The `norm` the maps were computed with
@@ -106,10 +196,11 @@ def show_heatmap(
     outline=None, # A boolean mask (h, w) to outline over the map, such as the pixels a segmentation map's score is summed over
     **kwargs, # Passed to `show_image`
 ):
-    "Draw `img` with `hm` over it, on the image's pixel grid (or on its `region`); returns the axes"
+    "Draw `img` with `hm` over it, on the image's pixel grid (or on its `region`); returns the axes. On a new figure, its text is fitted (`fit_text`)"
     if not 0 <= alpha <= 1: raise ValueError(f"`alpha` is the heatmap's opacity, from 0 to 1; got {alpha!r}.")
     if cmap not in matplotlib.colormaps: raise ValueError(f"Unknown colour map {cmap!r}: use one of matplotlib's, such as 'magma', 'viridis', 'jet' or 'gray'.")
     pix, grey = _pixels(img)
+    new = ax is None and kwargs.get('ctx') is None
     ax = show_image(pix, ax=ax, figsize=figsize, title=title, **{**grey, **kwargs})
     full = ax.get_images()[0].get_extent()
     ext = full if region is None else (region[0] - .5, region[1] - .5, region[3] - .5, region[2] - .5)
@@ -121,6 +212,7 @@ def show_heatmap(
         ax.contour(l + (np.arange(w) + .5) * (r - l) / w, t + (np.arange(h) + .5) * (b - t) / h, o.astype(np.float32), levels=[.5], colors='cyan', linewidths=1)
     ax.set_xlim(full[:2]); ax.set_ylim(full[2:]) # the part of the map outside the image (padding) is not drawn
     if colorbar: ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if new: fit_text(ax.figure) # its own figure: the title fitted, laid out tight
     return show_once(ax)
 
 # %% ../nbs/02d_draw.ipynb #cbe5d752
@@ -134,11 +226,11 @@ def heatmap_grid(
     regions:list|None=None, # Where each map lies on its image (see `show_heatmap`); the whole image when None
     **kwargs, # Passed to `show_heatmap` (`alpha`, `cmap`, `vmin`, `vmax`, `colorbar`, ...)
 ):
-    "Draw each image with its heatmap over it in a grid; returns the figure"
+    "Draw each image with its heatmap over it in a grid, its text fitted (`fit_text`); returns the figure"
     fig, axs = get_grid(len(maps), nrows=nrows, ncols=ncols, figsize=figsize, title=suptitle, return_fig=True)
     for ax, img, hm, title, reg in zip(axs, imgs, maps, titles or [None]*len(maps), regions or [None]*len(maps)):
         show_heatmap(img, hm, ax=ax, title=title, region=reg, **kwargs)
-    return show_once(fig)
+    return show_once(fit_text(fig))
 
 # %% ../nbs/02d_draw.ipynb #a2822cad
 def show_mask(

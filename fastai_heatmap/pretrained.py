@@ -164,11 +164,11 @@ def pretrained_vision_learner(
 # %% ../nbs/01a_pretrained.ipynb #50c1d54f
 _task = ('cat', 'coffee', 'rocket', 'astronaut', 'motorcycle', 'china', 'flower', 'hopper')
 
-def _watermarked(a, size, opacity=0.85):
-    "The image array `a` (H, W, 3) with scikit-image's logo, `size` pixels wide, over its bottom right corner"
+def _watermarked(a, size, opacity=1.0):
+    "The image array `a` (H, W, 3) with scikit-image's logo, `size` pixels wide, in its bottom right corner (flush with both edges)"
     logo = np.asarray(Image.open(_photo_dir('skimage')/'logo.png').convert('RGB').resize((size, size), Image.BICUBIC), dtype=np.float32)
-    a = a.astype(np.float32); m = size//8
-    a[-size-m:-m, -size-m:-m] = (1-opacity)*a[-size-m:-m, -size-m:-m] + opacity*logo
+    a = a.astype(np.float32)
+    a[-size:, -size:] = (1-opacity)*a[-size:, -size:] + opacity*logo
     return a.round().astype(np.uint8)
 
 def make_photos(
@@ -179,11 +179,11 @@ def make_photos(
     n_valid:int=12, # Validation crops per class
     scale:tuple=(0.25, 0.5), # Range of a crop's side, as a fraction of its photo's shorter side
     marked:str|None='hopper', # The class whose every crop gets a watermark (scikit-image's logo in a corner): a shortcut a model can learn instead of the photo
-    mark:int=28, # Width of the watermark, in pixels
+    mark:int=64, # Width of the watermark, in pixels: half a crop's side, so that the fine-tuned network learns it
     seed:int=42, # Random seed: the same arguments always give the same crops
 )->Path:
     "Write random square crops of `sample_photos()` to `path`/{train,valid}/`class`/*.png (a crop's class is its photo), the `marked` class's validation crops also without their watermark in `path`/unmarked/`class`"
-    settings = dict(classes=list(classes), size=size, n_train=n_train, n_valid=n_valid, scale=list(scale), marked=marked, mark=mark, seed=seed, version=1)
+    settings = dict(classes=list(classes), size=size, n_train=n_train, n_valid=n_valid, scale=list(scale), marked=marked, mark=mark, seed=seed, version=2)
     if marked is not None and marked not in classes: raise ValueError(f"marked={marked!r} is not one of the classes {list(classes)}.")
     path = Path(path) if path is not None else cache_path('photos', **settings)
     if (path/'settings.json').exists() and json.loads((path/'settings.json').read_text()) == settings: return path

@@ -1,7 +1,7 @@
 """The figures issue 15 names (a map with its colour bar, show_cam, top losses, class heatmaps, confusion heatmaps), at their
 default size and at a small `figsize`, with long class names: no two pieces of text overlap, and no text falls outside the
-canvas, nor outside what `savefig(bbox_inches='tight')` keeps. `test_no_text_collides` fails on the drawing code as it is
-(a strict xfail until the layout fix lands); `test_text_problems_finds_collisions` checks the checker.
+canvas, nor outside what `savefig(bbox_inches='tight')` keeps (the drawing layer's `fit_text` sees to it);
+`test_text_problems_finds_collisions` checks the checker.
 Not drawn here yet: show_cams, show_methods, show_heatmaps, the filters/feature-map views, max_activation,
 cam_sanity_check, plot_faithfulness, the concept views, HeatmapCallback.show."""
 import itertools, textwrap, warnings
@@ -99,12 +99,9 @@ def _figures(learn, tmp_path):
     }
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 §3: titles of show_cam, top losses, class and confusion heatmaps run off the canvas and over "
-                   "each other with long class names, and the colour bar's top label meets the title; the fix (fit_text, branch "
-                   "green-fit-text) is not landed")
 def test_no_text_collides(long_names, tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp('figures')
     "Every figure, at its default size and at a small one (0.6 of it, at least 2.5×2 inches): no overlapping text, none outside the canvas or savefig's box"
+    tmp_path = tmp_path_factory.mktemp('figures')
     bad = {}
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
