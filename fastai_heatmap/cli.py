@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 import numpy as np, pandas as pd
 from fastprogress.fastprogress import progress_bar
@@ -82,6 +83,22 @@ def _rows(learn, files, e, probs):
         else: pred, prob = label_of(learn, p.argmax().item()), p.max()
         rows.append(dict(file=str(f), predicted=pred, probability=round(float(prob), 4), explained=label_of(learn, t, neg)))
     return rows
+
+def _present(p:Tensor)->Tensor:
+    "A segmentation output's region for each class (B, C, H, W): its predicted pixels, or every pixel for a class predicted nowhere (a map not written)"
+    r = F.one_hot(p.argmax(1), p.shape[1]).permute(0, 3, 1, 2).bool()
+    return r | ~r.flatten(2).any(2)[..., None, None]
+
+def _class_pictures(learn, named, e, alpha):
+    "For a segmentation learner, per file of `named` (file, PNG name): (row, map, title, opacity) of each class it predicts at some pixel"
+    share = F.one_hot(e.preds.as_subclass(Tensor).argmax(1).flatten(1), e.preds.shape[1]).float().mean(1).cpu() # (B, C): the share of pixels predicted as each class
+    res = []
+    for (f, name), m, s in zip(named, e.maps.float().cpu(), share):
+        used = set()
+        res.append([(dict(file=str(f), predicted=label_of(learn, k), probability=round(float(s[k]), 4), explained=label_of(learn, k),
+                          heatmap=_png_name(Path(name).stem + '_' + re.sub(r'[^\w-]+', '-', label_of(learn, k)), used)), m[k], f"{label_of(learn, k)} ({s[k]:.0%} of pixels)", alpha)
+                     for k in torch.where(s > 0)[0].tolist()])
+    return res
 
 def _label_pictures(learn, named, maps, probs, alpha):
     "For a multi-label learner, per file of `named` (file, PNG name): (row, map, title, opacity) of each predicted label, or one picture without a map when none is"
@@ -184,11 +201,15 @@ def explain_files(
     bar:bool=True, # Show a progress bar
 )->tuple:
     """Write one heatmap PNG per image (the original image, its map and a title) and predictions.csv (sorted by path) to `out`, batch by batch;
-    processes launched together each explain their share, and process 0 writes predictions.csv. Returns (the rows written, the files that failed with why), all of them in every process"""
+    processes launched together each explain their share, and process 0 writes predictions.csv. Returns (the rows written, the files that failed with why), all of them in every process.
+    A segmentation learner gets, per image, a PNG for each class it predicts at some pixel (the class's score over those pixels), and a row each: `probability` is then the share of pixels"""
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     targets = None if target == 'pred' else label_targets(learn, target, 1)[0].item() # an unknown label fails here, before any work
     multi = target == 'pred' and is_multilabel(learn) and len(vocab_of(learn) or []) > 1 # one map per predicted label, as `learn.show_cam` draws them
-    if multi: targets = lambda p: torch.arange(p.shape[1], device=p.device).expand(len(p), -1)
+    seg = task_of(learn) == 'segmentation'
+    if seg and target != 'pred': raise ValueError("For a segmentation learner, `explain` writes the map of each class it predicts in each image: leave `--target` out.")
+    if multi or seg: targets = lambda p: torch.arange(p.shape[1], device=p.device).expand(len(p), -1)
+    kw = dict(region=_present) if seg else {}
     files, used = sorted(files), set()
     named = [(f, _png_name(f, used)) for f in files] # the same names in every process, whichever process writes the file
     rows, failed = [], []
@@ -202,9 +223,9 @@ def explain_files(
                 if why is None: items.append(item); good.append((f, name))
                 else: failed.append((str(f), why))
             for ix in size_groups(learn, items).values():
-                e, imgs = learn.explain([items[i] for i in ix], targets, method=method, layer=layer, with_input=True, bs=bs)
+                e, imgs = learn.explain([items[i] for i in ix], targets, method=method, layer=layer, with_input=True, bs=bs, **kw)
                 maps, probs = e.maps.float().cpu(), probs_of(learn, e.preds).cpu() # one host copy per batch
-                shown = _label_pictures(learn, [good[i] for i in ix], maps, probs, alpha) if multi else [
+                shown = _class_pictures(learn, [good[i] for i in ix], e, alpha) if seg else _label_pictures(learn, [good[i] for i in ix], maps, probs, alpha) if multi else [
                     [(dict(r, heatmap=good[i][1]), maps[j], f"{r['predicted']} ({r['probability']:.2f})" + ("" if r['explained'] == r['predicted'] else f", map for {r['explained']}"), alpha)]
                     for j, (i, r) in enumerate(zip(ix, _rows(learn, [good[i][0] for i in ix], e, probs)))]
                 for j, i in enumerate(ix):

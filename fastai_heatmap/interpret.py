@@ -33,6 +33,10 @@ def _target_fn(interp, target):
     learn = interp.learn
     multi = is_multilabel(learn)
     if callable(target): return target, None
+    if task_of(learn) == 'regression': # the output with the largest error, or output i
+        if target in ('pred', 'actual'): return (lambda p, y: (p - y.reshape(len(p), -1).to(p)).abs().argmax(1)), None
+        if isinstance(target, (int, np.integer)) and not isinstance(target, bool) and target >= 0: return (lambda p, y: torch.full((len(p),), int(target), device=p.device)), None
+        raise ValueError(f"Unknown target {target!r}: a regression learner's maps are of the output with the largest error ('pred', the default) or of output i (an int).")
     if isinstance(target, str) and target in ('pred', 'actual', 'both'):
         if not multi:
             if target == 'pred':   return None, None
@@ -53,22 +57,19 @@ def _target_fn(interp, target):
 class HeatmapInterpretation(ClassificationInterpretation):
     "`ClassificationInterpretation` that also shows where the model looked: top losses, classes and confusions with heatmaps"
     def __init__(self, learn, dl, losses, act=None):
-        if task_of(learn) != 'segmentation': return super().__init__(learn, dl, losses, act)
+        if task_of(learn) == 'classification': return super().__init__(learn, dl, losses, act)
         Interpretation.__init__(self, learn, dl, losses, act)
-        self.vocab = vocab_of(learn) # the mask codes: a `MaskBlock` keeps them in an item transform, where `dl.vocab` does not look
+        self.vocab = vocab_of(learn) # the mask codes (a `MaskBlock` keeps them in an item transform, where `dl.vocab` does not look); None for regression
 
     @classmethod
     def from_learner(cls,
-        learn, # The learner to interpret (a vision classifier, or a segmentation learner)
+        learn, # The learner to interpret: a vision classifier, a segmentation learner or a regression one
         ds_idx:int=1, # Index of `learn.dls` when `dl` is None (1: the validation set)
         dl=None, # A `DataLoader` to interpret, such as `learn.dls.test_dl(files, with_labels=True)`
         act=None, # Override the learner's activation (outputs to probabilities)
     ):
         "Construct the interpretation from a learner, as fastai's, after checking that it can be; processes launched together share the predictions out"
         check_vision_learner(learn)
-        if task_of(learn) == 'regression':
-            raise TypeError("HeatmapInterpretation explains classifiers and segmentation learners, and this is a regression learner (its targets have no vocab of classes): "
-                            "its top losses are not supported yet. `learn.heatmap` and `learn.show_cam` explain it (an output, `targets=i`).")
         if dl is None:
             if ds_idx >= len(learn.dls.loaders) or len(learn.dls[ds_idx].dataset) == 0:
                 raise ValueError(f"This learner has no data in `learn.dls[{ds_idx}]` (a learner from `load_learner` keeps none). "
@@ -104,7 +105,8 @@ class HeatmapInterpretation(ClassificationInterpretation):
         check_bs(bs)
         fn, mask = _target_fn(self, target)
         dl = items_dl(self.learn, self.items(idxs), bs=ifnone(bs, self.dl.bs), with_labels=True)
-        e, imgs, ys = explain_dl(self.learn, dl, targets=fn, method=method, layer=layer, with_input=with_input, with_labels=True, act=self.act, **kwargs)
+        act = self.act if self.act is not None or task_of(self.learn) != 'regression' else raw_outputs # no softmax for numbers
+        e, imgs, ys = explain_dl(self.learn, dl, targets=fn, method=method, layer=layer, with_input=with_input, with_labels=True, act=act, **kwargs)
         if mask is not None: e = e._replace(maps=e.maps * mask(e.preds, ys)[..., None, None].to(e.maps.dtype))
         return e, imgs, ys
 
@@ -178,6 +180,25 @@ def _plot_seg_top_losses(interp, k, largest, method, target, layer, alpha, cmap,
     if show_text: fig.suptitle(f"Ground truth / prediction / map of the class with the largest error — {e.method}" + (f" at layer {e.layer!r}" if e.layer else ""))
     return show_once(fit_text(fig))
 
+# %% ../nbs/04_interpret.ipynb #23a452ff
+def _plot_reg_top_losses(interp, k, largest, method, target, layer, alpha, cmap, show_text, figsize, nrows, ncols, **kwargs):
+    "Each top loss's image with the map of its output with the largest error (or output `target`), titled prediction / actual / loss"
+    losses, idx = _top(interp, k, largest)
+    e, imgs, ys = interp.explain(idx, target, method=method, layer=layer, with_input=True, warn_small=True, **kwargs)
+    ys = ys.reshape(len(ys), -1).cpu()
+    titles = []
+    for i, l in enumerate(losses.tolist()):
+        t = e.targets[i].item()
+        titles.append(f"{e.preds[i, t].item():.3g} / {ys[i, t].item():.3g} / {l:.3g}" + (f"\nmap of output {t}" if e.preds.shape[1] > 1 else "") + no_evidence(e.maps[i], f'output {t}'))
+    return heatmap_grid(list(imgs), e.maps.cpu(), titles if show_text else None, nrows=nrows, ncols=ncols, figsize=figsize, alpha=alpha, cmap=cmap,
+                        suptitle=f"Prediction/Actual/Loss — {e.method}" + (f" at layer {e.layer!r}" if e.layer else "") if show_text else None,
+                        **color_range(kwargs.get('norm', 'image')))
+
+def _classifier_only(interp, what:str):
+    "Raise a clear error unless `interp` is of a classifier"
+    task = task_of(interp.learn)
+    if task != 'classification': raise TypeError(f"{what} groups items by class, for classifiers; this is a {task} learner. Its top losses (`plot_top_losses`) show where it looked.")
+
 # %% ../nbs/04_interpret.ipynb #ff5713c4
 @patch
 @delegates_kept(HeatmapInterpretation.explain, but=['idxs', 'target', 'method', 'layer', 'with_input'])
@@ -199,6 +220,7 @@ def plot_top_losses(self:HeatmapInterpretation,
     if heatmap and task_of(self.learn) == 'segmentation':
         if nrows is not None or ncols is not None: raise ValueError("A segmentation learner's top losses are a row per image (ground truth, prediction, map): `nrows` and `ncols` do not apply.")
         return _plot_seg_top_losses(self, k, largest, method, target, layer, alpha, cmap, show_text, figsize, **kwargs)
+    if heatmap and task_of(self.learn) == 'regression': return _plot_reg_top_losses(self, k, largest, method, target, layer, alpha, cmap, show_text, figsize, nrows, ncols, **kwargs)
     if not heatmap:
         ClassificationInterpretation.plot_top_losses(self, k, largest, figsize=figsize, nrows=nrows, ncols=ncols, **kwargs)
         return plt.gcf()
@@ -316,6 +338,7 @@ def class_heatmaps(self:HeatmapInterpretation,
     **kwargs,
 )->ClassHeatmaps:
     "Mean heatmap and mean image of each class over `interp.dl`, in one pass with a progress bar (shared out between processes launched together), and the share of each map in the border"
+    _classifier_only(self, '`class_heatmaps`')
     if target not in ('actual', 'pred'): raise ValueError(f"Unknown target {target!r}: class heatmaps group items by their 'actual' or 'pred'icted class.")
     if norm not in ('image', None): raise ValueError(f"norm={norm!r}: class heatmaps average maps normalized per image ('image') or raw ones (None); "
                                                      "one scale per batch ('batch') would differ from batch to batch.")
@@ -371,6 +394,7 @@ def _decoded(self:HeatmapInterpretation):
 @patch
 def confusion_matrix(self:HeatmapInterpretation):
     "Confusion matrix as an `np.ndarray` (predictions computed once and reused)"
+    _classifier_only(self, 'A confusion matrix')
     if is_multilabel(self.learn): raise ValueError("A confusion matrix is for single-label classifiers; this learner is multi-label.")
     dec, targs = self._decoded()
     x = torch.arange(0, len(self.vocab))

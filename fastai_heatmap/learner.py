@@ -29,7 +29,7 @@ from .draw import *
 __all__ = ['check_vision_learner', 'is_multilabel', 'vocab_of', 'label_of', 'probs_of', 'task_of', 'thresh_of', 'image_type',
            'as_items', 'ImageFile', 'load_item', 'unreadable', 'unreadable_error', 'check_bs', 'size_groups',
            'items_dl', 'input_region', 'label_targets', 'autocast_of', 'check_decoded', 'warn_coarse',
-           'learner_batches', 'explain_batches', 'explain_dl', 'no_evidence']
+           'learner_batches', 'explain_batches', 'explain_dl', 'raw_outputs', 'no_evidence']
 
 # %% ../nbs/03_learner.ipynb #7dae69ac
 def check_vision_learner(learn:Learner):
@@ -426,14 +426,16 @@ def _one_output(p):
 
 def _regression(tg, sign, kwargs):
     "Targets and options for a regression learner: no softmax (the raw outputs are scored), the single output by default, and its negation for `sign=-1`"
-    kwargs = {'act': _raw, **kwargs}
+    kwargs = {'act': raw_outputs, **kwargs}
     if sign == 1: return (_one_output if tg is None else tg), kwargs
     if isinstance(tg, Tensor) and tg.ndim == 1 and len(tg.unique()) == 1: tg = int(tg[0])
     if tg is None: tg = 0 # checked against the outputs below, as an index
     if not isinstance(tg, int): raise ValueError("With `sign=-1`, pass one output index for all items (`targets=i`).")
     return None, {**kwargs, 'score': _Lowered(tg)}
 
-def _raw(o): return o.float()
+def raw_outputs(o:Tensor)->Tensor:
+    "A regression learner's outputs as they are (as floats): the `act` of its maps, where a classifier's would be its probabilities"
+    return o.float()
 
 # %% ../nbs/03_learner.ipynb #3a4ad6e4
 @patch

@@ -142,13 +142,15 @@ def test_bad_input(fx, case):
 
 
 def test_segmentation_learner(demo, tmp_path):
-    "A segmentation learner's top losses are not supported yet: said at `from_learner`, not as `AttributeError: vocab` (its heatmaps are: tests/test_tasks.py)"
+    "A segmentation learner is interpreted (not `AttributeError: vocab`: its codes are read from the MaskBlock); what needs a class per image says it is for classifiers (its top losses: tests/test_task_interpret.py)"
     path = demo.dls.path
     dblock = DataBlock(blocks=(ImageBlock, MaskBlock(codes=['bg', 'digit'])), get_items=lambda p: get_image_files(p/'train')[:8] + get_image_files(p/'valid')[:8],
                        get_y=lambda f: np.zeros((64, 64), dtype=np.uint8), splitter=GrandparentSplitter())
     from fastai.vision.all import unet_learner
     seg = unet_learner(dblock.dataloaders(path, bs=4, num_workers=0), resnet18, pretrained=False, n_out=2)
-    with pytest.raises(TypeError, match='segmentation learner'): HeatmapInterpretation.from_learner(seg)
+    interp = HeatmapInterpretation.from_learner(seg)
+    assert interp.vocab == ['bg', 'digit'] and len(interp.losses) == 8
+    with pytest.raises(TypeError, match='for classifiers; this is a segmentation learner'): interp.class_heatmaps()
 
 
 def test_cli_bad_usage(demo, files, tmp_path, capsys):

@@ -120,3 +120,82 @@ def test_aug_smooth_moves_the_region():
     photometric = [(lambda t: t, lambda t: t), (lambda t: t * 1.5, lambda t: t)] # leaves the region in place
     e = explain(model, x, region=box, aug_smooth=photometric, **kw)
     close_to(e.maps, (plain + explain(model, x * 1.5, region=box, **kw).maps) / 2, 1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ regression top losses
+@pytest.fixture(scope='module')
+def reg12():
+    "A tiny seeded (untrained) CNN regressing 2 numbers (the square's centre, as fractions of the side) from 12 generated images, 4 for validation"
+    from torch import nn
+    from fastai.vision.all import RegressionBlock, MSELossFlat, Learner
+    imgs, masks = shapes_data(12)
+    ys = np.stack([np.argwhere(m == 1).mean(0) / 64 for m in masks]).astype(np.float32)
+    dblock = DataBlock(blocks=(ImageBlock, RegressionBlock(n_out=2)), get_x=lambda i: PILImage.create(imgs[i]), get_y=lambda i: ys[i],
+                       splitter=RandomSplitter(valid_pct=0.34, seed=0))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2))
+    learn = Learner(dblock.dataloaders(range(12), bs=4, num_workers=0), model, loss_func=MSELossFlat())
+    learn.no_bar()
+    return learn, imgs, ys
+
+
+def test_regression_plot_top_losses(reg12):
+    "The largest errors, titled prediction / actual / loss, each with the map of its output with the largest error (found by hand, explained one image at a time, no softmax)"
+    learn, imgs, ys = reg12
+    interp = HeatmapInterpretation.from_learner(learn)
+    assert interp.vocab is None
+    with torch.no_grad(): out = torch.cat([learn.model.eval()(xb) for xb, _ in learn.dls.valid])
+    y = torch.as_tensor(ys[list(learn.dls.valid.items)])
+    close_to(interp.losses, ((out - y)**2).mean(1), 1e-6)
+    for target in ('pred', 1):
+        fig = interp.plot_top_losses(3, target=target)
+        axs = [a for a in fig.axes if a.get_images()]
+        losses, idx = interp.top_losses(3)
+        assert len(axs) == 3 and fig._suptitle.get_text().startswith('Prediction/Actual/Loss — gradcam')
+        for ax, i, l in zip(axs, idx.tolist(), losses.tolist()):
+            t = int((out[i] - y[i]).abs().argmax()) if target == 'pred' else 1
+            assert ax.get_title().split('\n')[:2] == [f"{out[i, t].item():.3g} / {y[i, t].item():.3g} / {l:.3g}", f"map of output {t}"]
+            ref = learn.heatmap(PILImage.create(imgs[interp.items([i])[0]]), targets=t)[0].cpu()
+            close_to(torch.as_tensor(np.asarray(ax.get_images()[1].get_array())), ref, 1e-4)
+        plt.close('all')
+    with pytest.raises(TypeError, match='for classifiers; this is a regression learner'): interp.class_heatmaps()
+    with pytest.raises(TypeError, match='for classifiers'): interp.confusion_matrix()
+    with pytest.raises(ValueError, match="output with the largest error"): interp.plot_top_losses(2, target='both')
+
+
+# ------------------------------------------------------------------------------------------------ the command line on a segmentation learner
+def _mask_file(f): return f.parent.parent/'masks'/f.name # module level: the exported learner pickles it
+
+
+def test_cli_explain_segmentation(tmp_path):
+    "`fastai-heatmap explain` on an exported unet_learner: per image, a PNG and a .npy for each class it predicts (found by hand), each the class's map over its predicted pixels"
+    from PIL import Image
+    from fastai.vision.all import get_image_files, load_learner
+    from fastai_heatmap.cli import main
+    imgs, masks = shapes_data(6)
+    for d in ('images', 'masks'): (tmp_path/d).mkdir()
+    for i, (im, m) in enumerate(zip(imgs, masks)):
+        Image.fromarray(im).save(tmp_path/'images'/f'{i}.png'); Image.fromarray(m).save(tmp_path/'masks'/f'{i}.png')
+    dblock = DataBlock(blocks=(ImageBlock, MaskBlock(codes=CODES)), get_items=get_image_files, get_y=_mask_file, splitter=RandomSplitter(seed=0))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        learn = unet_learner(dblock.dataloaders(tmp_path/'images', bs=2, num_workers=0), resnet18, pretrained=False, n_out=3)
+    learn.export(tmp_path/'seg.pkl')
+    files = sorted((tmp_path/'images').glob('*.png'))[:3]
+    assert main(['explain', str(tmp_path/'seg.pkl'), *map(str, files), '--out', str(tmp_path/'out'), '--maps']) == 0
+    learn = load_learner(tmp_path/'seg.pkl')
+    import pandas as pd
+    rows = pd.read_csv(tmp_path/'out'/'predictions.csv')
+    for f in files:
+        xb = learn.dls.test_dl([f], num_workers=0).one_batch()[0]
+        with torch.no_grad(): pred = learn.model.eval()(xb).argmax(1)[0]
+        present = [c for c in range(3) if (pred == c).any()]
+        mine = rows[rows.file == str(f)]
+        assert mine.explained.tolist() == [CODES[c] for c in present] and mine.heatmap.tolist() == [f'{f.stem}_{CODES[c]}.png' for c in present]
+        for c, share in zip(present, mine.probability):
+            assert abs(share - (pred == c).float().mean().item()) < 1e-4
+            assert (tmp_path/'out'/f'{f.stem}_{CODES[c]}.png').exists()
+            close_to(torch.from_numpy(np.load(tmp_path/'out'/f'{f.stem}_{CODES[c]}.npy')), learn.heatmap(f, targets=c)[0].cpu(), 1e-4)
+    assert main(['explain', str(tmp_path/'seg.pkl'), str(files[0]), '--out', str(tmp_path/'o2'), '--target', 'disc']) == 2
