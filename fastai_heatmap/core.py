@@ -612,10 +612,13 @@ def _options(cls)->dict:
     if cls.__init__ is object.__init__: return {}
     return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != 'self' and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
-def method_names(family:str|None=None)->list:
-    "The names of the registered methods (of one `family` if given), in the order they were registered"
+def method_names(
+    family:str|None=None, # Only the methods of this family ('cam', 'gradient' or 'perturbation')
+    uses_layer:bool|None=None, # Only the methods computed at a layer (True), or only those that take none (False)
+)->list:
+    "The names of the registered methods, in the order they were registered: every list of methods (docs, CLI, benchmark, tests) comes from here"
     _load_builtins()
-    return list(dict.fromkeys(c.name for c in _methods.values() if family is None or c.family == family))
+    return list(dict.fromkeys(c.name for c in _methods.values() if (family is None or c.family == family) and (uses_layer is None or c.uses_layer == uses_layer)))
 
 def get_method(
     method:str|Method|type, # A name, a `Method` subclass, or an instance
@@ -896,7 +899,7 @@ def explain(
     augs = _check_aug(aug_smooth)
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1: raise ValueError(f"`batch_size` should be an int ≥ 1; got {batch_size!r}.")
     if layer is not None and not meth.uses_layer:
-        raise ValueError(f"Method {meth.name!r} works on the input and takes no layer: leave `layer` out. The methods at a layer are {', '.join(map(repr, method_names('cam')))}.")
+        raise ValueError(f"Method {meth.name!r} works on the input and takes no layer: leave `layer` out. The methods at a layer are {', '.join(map(repr, method_names(uses_layer=True)))}.")
     opts = dict(targets=targets, relu=relu, smooth=smooth, noise=noise, batch_size=batch_size, act=act, bar=bar, reshape=reshape, n_samples=n_samples,
                 interpolation=interpolation, eigen_smooth=eigen_smooth, score=score, region=region)
     if isinstance(layer, (list, tuple)):
