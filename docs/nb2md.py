@@ -399,8 +399,8 @@ class Page:
                 blocks.append(self.text_block(text))
             elif t in ('display_data', 'execute_result'):
                 data, meta = o.get('data', {}), o.get('metadata', {})
-                if 'text/markdown' in data and asis:
-                    md = src_of(data['text/markdown'])
+                md = src_of(data.get('text/markdown'))
+                if md and (asis or _re_showdoc.match(md)): # show_doc's entry, `display`ed in a loop (no `output: asis`) as well
                     entry = api_entry(md, self.markdown, self.seen, self.readme)
                     blocks.append(entry if entry is not None else self.markdown(md)); continue
                 img = next((m for m in ('image/png', 'image/jpeg', 'image/svg+xml', 'image/gif') if m in data), None)

@@ -1,4 +1,4 @@
-"""Maps at a layer: Grad-CAM, CAM, Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Grad-CAM element-wise, ShapleyCAM, Finer-CAM, Score-CAM, Ablation-CAM, Eigen-CAM, Eigen-Grad-CAM, KPCA-CAM and a random baseline
+"""Maps at a layer: Grad-CAM, CAM, Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Grad-CAM element-wise, ShapleyCAM, Finer-CAM, Smooth Grad-CAM++, Score-CAM, SS-CAM, IS-CAM, Ablation-CAM, Eigen-CAM, Eigen-Grad-CAM, KPCA-CAM, a random baseline, and FullGrad (every bias, no layer)
 
 Docs: https://fastai-heatmap.github.io/fastai_heatmap/cam.html.md"""
 
@@ -9,11 +9,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
+from .hooks import OutputsHook
 from .core import *
 
 # %% auto #0
 __all__ = ['GradCAM', 'CAM', 'GradCAMpp', 'XGradCAM', 'LayerCAM', 'HiResCAM', 'GradCAMElementWise', 'ShapleyCAM', 'FinerCAM',
-           'ScoreCAM', 'AblationCAM', 'EigenCAM', 'EigenGradCAM', 'kernel_component', 'KPCACAM', 'RandomCAM']
+           'SmoothGradCAMpp', 'ScoreCAM', 'AblationCAM', 'SSCAM', 'ISCAM', 'FullGrad', 'EigenCAM', 'EigenGradCAM',
+           'kernel_component', 'KPCACAM', 'RandomCAM']
 
 # %% ../nbs/02a_cam.ipynb #0bee0a3c
 @register_method('gradcam', 'grad-cam')
@@ -172,6 +174,40 @@ class FinerCAM(LayerMethod):
         return (p * (y[:, None] - self.alpha * ctx.out.float().gather(1, near))).sum(1) / (p.sum(1) + 1e-9)
     def weights(self, ctx): return ctx.layout.to_map(ctx.hook.gradient(self.score(ctx), retain_graph=True)).float().mean((2, 3))
 
+# %% ../nbs/02a_cam.ipynb #d63d6628
+@register_method('smoothgradcam++', 'smoothgradcampp', 'smooth-grad-cam++')
+class SmoothGradCAMpp(LayerMethod):
+    """Smooth Grad-CAM++, Omeiza et al. 2019, 'Smooth Grad-CAM++: An Enhanced Inference Level Visualization Technique for Deep Convolutional Neural Network Models', as torch-cam's `SmoothGradCAMpp`:
+    α = E[g²] / (2E[g²] + Σ_ab E[g³] A + 1e-8) over noisy copies x + δ_i, δ_i ~ N(0, std²); w_k = Σ_ij α ReLU(g_N), M = Σ_k w_k A_N, g_N and A_N those of the last copy (torch-cam's)"""
+    family, paper, cost = 'cam', 'Omeiza et al. 2019', '1 forward + backward to the layer per noisy copy (4 by default)'
+    def __init__(self,
+        num_samples:int=4, # Noisy copies of the input (torch-cam's default)
+        std:float=.3, # The noise's standard deviation, in the input's units (torch-cam's default)
+    ):
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1: raise ValueError(f"`num_samples` should be an int ≥ 1; got {num_samples!r}.")
+        if not isinstance(std, (int, float)) or isinstance(std, bool) or not std > 0: raise ValueError(f"`std` should be a number > 0; got {std!r}.")
+        self.num_samples, self.std = num_samples, std
+    def map(self, ctx):
+        x, B, n = ctx.x, len(ctx.x), self.num_samples
+        eps = ctx.cache.get('smoothgradcam++') # the same copies for every target column
+        if eps is None: eps = ctx.cache['smoothgradcam++'] = (self.std * torch.randn((n, *x.shape[1:]), generator=ctx.generator)).to(x.device)
+        g2, g3, g_last, a_last = (torch.zeros_like(ctx.acts) for _ in range(4))
+        for sl in ctx.chunks(n * B, 'Smooth Grad-CAM++'):
+            idx = torch.arange(sl.start, sl.stop, device=x.device)
+            rows, k = idx % B, idx // B
+            sub = ctx.with_input((x[rows].float() + eps[k]).to(x.dtype))
+            sub.scores = ctx.scores.sub(rows) if ctx.scores is not None else None
+            sub.out = self.forward(sub)
+            sub.set_targets(ctx.targets[rows], ctx.negative[rows], ctx.col)
+            g = sub.grads
+            g2.index_add_(0, rows, g*g)
+            g3.index_add_(0, rows, g*g*g)
+            last = k == n - 1
+            g_last[rows[last]], a_last[rows[last]] = g[last], sub.acts[last]
+        g2, g3 = g2 / n, g3 / n
+        alpha = g2 / (2*g2 + (g3 * ctx.acts).sum((2, 3), keepdim=True) + 1e-8)
+        return torch.einsum('bk,bkhw->bhw', (alpha * g_last.relu()).sum((2, 3)), a_last)
+
 # %% ../nbs/02a_cam.ipynb #489503d3
 def _alive(acts:Tensor)->tuple:
     "The (sample, channel) pairs whose activation is not 0 everywhere"
@@ -224,6 +260,113 @@ class AblationCAM(LayerMethod):
         w = ctx.acts.new_zeros(ctx.acts.shape[:2])
         w[b, k] = (y[b] - ctx.score(out, b)) / torch.where(y[b] != 0, y[b], torch.ones_like(y[b]))
         return w
+
+# %% ../nbs/02a_cam.ipynb #1b6babcd
+def _column_scores(ctx, out:Tensor, rows:Tensor)->Tensor:
+    "What the torch-cam score weights average, for outputs `out` of samples `rows`: the outputs (N, n_classes) themselves (each target's score is linear in them), or every explained column's score (N, T) with a score function"
+    if ctx.scores is None: return out.float()
+    return torch.stack([ctx.scores(j, out, rows).float() for j in range(len(ctx.scores.fns))], 1)
+
+def _pick_column(ctx, v:Tensor, rows:Tensor)->Tensor:
+    "The explained score in `v` from `_column_scores`"
+    return v[:, ctx.col] if ctx.scores is not None else ctx.score(v, rows)
+
+class _TorchcamScore(LayerMethod):
+    """torch-cam's Score-CAM weights: w_k = softmax_k(mean_i [y_c(X ∘ M_{k,i}) − y_c(X)]), the masks M_{k,i} made by `masks` from H_k, each channel of the layer scaled to [0, 1] at its resolution and upsampled to the input;
+    every channel scored, dead ones too (they count in the softmax)"""
+    family, needs_grad, num_samples = 'cam', False, 1
+    def masks(self, ctx, i:int, h:Tensor, k:Tensor)->Tensor:
+        "The masks (N, 1, H, W) of copy `i` for channels `k`, from their upsampled masks `h` (N, 1, H, W) in [0, 1]"
+        raise NotImplementedError
+    def _deltas(self, ctx):
+        "Per (sample, channel): the mean change of every output (or explained column) over the copies, computed once for every target column"
+        if 'torchcam score' in ctx.cache: return ctx.cache['torchcam score']
+        B, K = ctx.acts.shape[:2]
+        h = normalize_maps(ctx.acts)
+        n, base = self.num_samples, _column_scores(ctx, ctx.out.detach(), torch.arange(B, device=ctx.x.device))
+        tot = base.new_zeros(B*K, base.shape[1])
+        for sl in ctx.chunks(n*B*K, type(self).__name__):
+            idx = torch.arange(sl.start, sl.stop, device=ctx.x.device)
+            i, j = idx // (B*K), idx % (B*K)
+            b, k = j // K, j % K
+            up = F.interpolate(h[b, k][:, None], size=ctx.x.shape[-2:], mode='bilinear', align_corners=False)
+            m = torch.cat([self.masks(ctx, int(c), up[i == c], k[i == c]) for c in i.unique().tolist()]) # in the order of `idx`: i is sorted
+            tot.index_add_(0, j, _column_scores(ctx, ctx.run(ctx.x[b] * m.to(ctx.x.dtype)), b) - base[b])
+        ctx.cache['torchcam score'] = (tot / n).view(B, K, -1)
+        return ctx.cache['torchcam score']
+    def weights(self, ctx):
+        d = self._deltas(ctx)
+        B, K = d.shape[:2]
+        rows = torch.arange(B, device=d.device).repeat_interleave(K)
+        return _pick_column(ctx, d.flatten(0, 1), rows).view(B, K).softmax(1)
+
+@register_method('sscam', 'ss-cam')
+class SSCAM(_TorchcamScore):
+    """SS-CAM, Wang et al. 2020, 'SS-CAM: Smoothed Score-CAM for Sharper Visual Feature Localization', as torch-cam's `SSCAM`:
+    w_k = softmax_k(mean_i [y_c(X ∘ (H_k + δ_i)) − y_c(X)]), δ_i ~ N(0, std²) at the input's resolution, one draw (K, H, W) per copy for every sample"""
+    paper, cost = 'Wang et al. 2020 (SS-CAM)', '1 forward per channel and noisy copy (35 copies by default)'
+    def __init__(self,
+        num_samples:int=35, # Noisy copies of each mask (torch-cam's default)
+        std:float=2., # The noise's standard deviation, the masks being in [0, 1] (torch-cam's default)
+    ):
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1: raise ValueError(f"`num_samples` should be an int ≥ 1; got {num_samples!r}.")
+        if not isinstance(std, (int, float)) or isinstance(std, bool) or not std > 0: raise ValueError(f"`std` should be a number > 0; got {std!r}.")
+        self.num_samples, self.std = num_samples, std
+    def masks(self, ctx, i, h, k):
+        noise = ctx.cache.get('sscam noise')
+        if noise is None or noise[0] != i: # copies come in order: one draw per copy, as torch-cam draws them
+            K, (H, W) = ctx.acts.shape[1], ctx.x.shape[-2:]
+            noise = ctx.cache['sscam noise'] = (i, self.std * torch.randn((K, H, W), generator=ctx.generator).to(h.device))
+        return h + noise[1][k][:, None]
+
+@register_method('iscam', 'is-cam')
+class ISCAM(_TorchcamScore):
+    """IS-CAM, Naidu et al. 2020, 'IS-CAM: Integrated Score-CAM for axiomatic-based explanations', as torch-cam's `ISCAM`:
+    w_k = softmax_k(mean_i [y_c(X ∘ c_i H_k) − y_c(X)]), c_i = Σ_{j≤i} j/N for i = 1..N (torch-cam's running sums)"""
+    paper, cost = 'Naidu et al. 2020', '1 forward per channel and step (10 steps by default)'
+    def __init__(self,
+        num_samples:int=10, # Steps N (torch-cam's default)
+    ):
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1: raise ValueError(f"`num_samples` should be an int ≥ 1; got {num_samples!r}.")
+        self.num_samples = num_samples
+    def masks(self, ctx, i, h, k): return h * (sum(range(1, i + 2)) / self.num_samples)
+
+# %% ../nbs/02a_cam.ipynb #bb88412c
+def _bias_modules(model:nn.Module)->list:
+    "The modules whose bias FullGrad counts: `nn.Conv2d` and `nn.BatchNorm2d` with a bias, of those exact types (as pytorch-grad-cam and the authors' code)"
+    return [m for m in model.modules() if type(m) in (nn.Conv2d, nn.BatchNorm2d) and m.bias is not None]
+
+def _bias(m:nn.Module)->Tensor:
+    "A module's bias as FullGrad sees it: a batch norm's is β − μ γ/√(σ² + ε), in eval mode"
+    if isinstance(m, nn.BatchNorm2d):
+        g = m.weight if m.weight is not None else torch.ones_like(m.bias)
+        return (m.bias - m.running_mean * g / torch.sqrt(m.running_var + m.eps)).detach().float()
+    return m.bias.detach().float()
+
+def _psi(v:Tensor, eps:float=1e-7)->Tensor:
+    "FullGrad's post-processing of each map (..., h, w): its magnitude, shifted and scaled by (v − min)/(max − min + eps), as pytorch-grad-cam"
+    v = v.abs()
+    v = v - v.amin((-2, -1), keepdim=True)
+    return v / (v.amax((-2, -1), keepdim=True) + eps)
+
+@register_method('fullgrad', 'full-grad')
+class FullGrad(InputGradientMethod):
+    """FullGrad, Srinivas & Fleuret 2019, 'Full-Gradient Representation for Neural Network Visualization', as pytorch-grad-cam's `FullGrad`:
+    M = Σ_c ψ(|∂y_c/∂x ⊙ x|_c) + Σ_layers Σ_k Up(ψ(|b_k ∂y_c/∂z_k|)) over every Conv2d and BatchNorm2d with a bias, ψ min-max per channel"""
+    family, paper, cost, map_rule = 'cam', 'Srinivas & Fleuret 2019', '1 forward + backward to the input', 'relu'
+    def __init__(self): pass # no options (no channel reduction: the input's channels are summed)
+    def forward(self, ctx):
+        with OutputsHook(_bias_modules(ctx.model)) as h: out = super().forward(ctx)
+        ctx.cache['fullgrad'] = h
+        return out
+    def map(self, ctx):
+        h = ctx.cache['fullgrad']
+        g = h.gradients(ctx.score(ctx.out), inputs=(ctx.xg,), retain_graph=True)
+        size = ctx.x.shape[-2:]
+        m = _psi(g[0].float() * ctx.x.float()).sum(1)
+        for mod, gz in zip(h.modules, g[1:]):
+            m = m + upsample_maps(_psi(_bias(mod)[:, None, None] * gz.float()).sum(1), size)
+        return m
 
 # %% ../nbs/02a_cam.ipynb #5abf9b80
 @register_method('eigencam', 'eigen-cam')

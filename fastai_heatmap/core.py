@@ -24,8 +24,8 @@ __all__ = ['smooth_types', 'interpolations', 'delegates_kept', 'eval_mode', 'unw
            'default_layer', 'resolve_layer', 'resolve_targets', 'resolve_regions', 'score_of', 'region_scores',
            'normalize_maps', 'Method', 'Context', 'ReplaceOutput', 'first_component', 'MapLayout', 'map_layout',
            'LayerMethod', 'reduce_channels', 'InputGradientMethod', 'PerturbationMethod', 'register_method',
-           'method_names', 'get_method', 'list_methods', 'brief', 'data_repr', 'Explanation', 'upsample_maps',
-           'explain', 'heatmap']
+           'method_names', 'get_method', 'list_methods', 'brief', 'data_repr', 'Explanation', 'smoothed_name',
+           'upsample_maps', 'explain', 'heatmap']
 
 # %% ../nbs/02_core.ipynb #5b6c7d8e
 def delegates_kept(
@@ -612,10 +612,13 @@ def _options(cls)->dict:
     if cls.__init__ is object.__init__: return {}
     return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != 'self' and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
-def method_names(family:str|None=None)->list:
-    "The names of the registered methods (of one `family` if given), in the order they were registered"
+def method_names(
+    family:str|None=None, # Only the methods of this family ('cam', 'gradient' or 'perturbation')
+    uses_layer:bool|None=None, # Only the methods computed at a layer (True), or only those that take none (False)
+)->list:
+    "The names of the registered methods, in the order they were registered: every list of methods (docs, CLI, benchmark, tests) comes from here"
     _load_builtins()
-    return list(dict.fromkeys(c.name for c in _methods.values() if family is None or c.family == family))
+    return list(dict.fromkeys(c.name for c in _methods.values() if (family is None or c.family == family) and (uses_layer is None or c.uses_layer == uses_layer)))
 
 def get_method(
     method:str|Method|type, # A name, a `Method` subclass, or an instance
@@ -674,7 +677,7 @@ class Explanation(NamedTuple):
     layer: str|None # Dotted name of the layer the maps come from (None for methods on the input)
     layer_size: tuple # The maps' (h, w) before upsampling
     negative: Tensor|None = None # Which maps explain the negative side of a single-logit model (like `targets`)
-    method: str = '' # The method's name
+    method: str = '' # The method's name, and its smoothing (`smoothed_name`)
     regions: Tensor|None = None # For segmentation outputs: the pixels whose scores each map explains, bool (B, H, W) (or (B, T, H, W), like `maps`)
     def __repr__(self): return data_repr(self) # shapes, not values: a cell's value reads in a line
 
@@ -738,6 +741,14 @@ def _check_smooth(meth, smooth, noise, n_samples=None)->tuple:
         how, n = ('mask' if meth.smoothing == 'mask' else 'smoothgrad'), int(smooth)
     if not (isinstance(noise, (int, float, np.floating)) and not isinstance(noise, bool) and noise > 0): raise ValueError(f"`noise` is the noise's standard deviation as a fraction of the input's range, a number > 0; got {noise!r}.")
     return how, n
+
+def smoothed_name(
+    name:str, # The method's name
+    how:str|None=None, # How `smooth=` applies (`_check_smooth`'s first value): one of `smooth_types`, 'mask', or None
+    eigen_smooth:bool=False, # Whether `eigen_smooth` is on
+)->str:
+    "The name an `Explanation` gives its maps: the method's, and its smoothing, as 'saliency + smoothgrad', 'scorecam + smoothed masks' or 'gradcam + eigen_smooth'"
+    return name + (f" + {how}" if how in smooth_types else " + smoothed masks" if how == 'mask' else '') + (" + eigen_smooth" if eigen_smooth else '')
 
 def _eigen_ok(meth)->bool:
     "Whether `eigen_smooth` applies to `meth`: a method at a layer whose map is the sum of its weighted activations"
@@ -852,7 +863,7 @@ def _aug_smoothed(model, xb, meth, layer, augs, upsample, norm, targets=None, re
         m = back(e.maps)
         if not isinstance(m, Tensor) or m.shape[0] != len(xb) or (es and m.shape != es[0].maps.shape): raise ValueError("An `aug_smooth` map-back function should return the maps of the original batch, as many and the same size.")
         es.append(e._replace(maps=m, regions=None if e.regions is None else back(e.regions.float()) > .5))
-    return es[0]._replace(maps=normalize_maps(torch.stack([e.maps for e in es]).mean(0), norm))
+    return es[0]._replace(maps=normalize_maps(torch.stack([e.maps for e in es]).mean(0), norm), method=es[0].method + ' + aug_smooth')
 
 def explain(
     model:nn.Module, # An image model: a classifier or regressor (B, C, H, W) → (B, n), or a segmentation model → (B, n_classes, H, W)
@@ -888,7 +899,7 @@ def explain(
     augs = _check_aug(aug_smooth)
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1: raise ValueError(f"`batch_size` should be an int ≥ 1; got {batch_size!r}.")
     if layer is not None and not meth.uses_layer:
-        raise ValueError(f"Method {meth.name!r} works on the input and takes no layer: leave `layer` out. The methods at a layer are {', '.join(map(repr, method_names('cam')))}.")
+        raise ValueError(f"Method {meth.name!r} works on the input and takes no layer: leave `layer` out. The methods at a layer are {', '.join(map(repr, method_names(uses_layer=True)))}.")
     opts = dict(targets=targets, relu=relu, smooth=smooth, noise=noise, batch_size=batch_size, act=act, bar=bar, reshape=reshape, n_samples=n_samples,
                 interpolation=interpolation, eigen_smooth=eigen_smooth, score=score, region=region)
     if isinstance(layer, (list, tuple)):
@@ -939,7 +950,7 @@ def explain(
                     if tg.ndim == 1: maps = maps[:, 0]
     finally: torch.set_grad_enabled(grad_mode)
     if regs is not None: regs = (regs if tg.ndim == 2 else regs[:, 0]).to(xb.device)
-    return Explanation(maps.detach().to(xb.device), preds.to(xb.device), tg.to(xb.device), name, size, neg.to(xb.device), meth.name, regs)
+    return Explanation(maps.detach().to(xb.device), preds.to(xb.device), tg.to(xb.device), name, size, neg.to(xb.device), smoothed_name(meth.name, how, eigen_smooth), regs)
 
 # %% ../nbs/02_core.ipynb #a76dddcc
 def heatmap(

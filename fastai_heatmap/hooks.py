@@ -10,7 +10,7 @@ import torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['ActivationHook']
+__all__ = ['ActivationHook', 'OutputsHook']
 
 # %% ../nbs/00_hooks.ipynb #2bf2b295
 def _seen_before(m:nn.Module)->bool:
@@ -74,3 +74,41 @@ class ActivationHook:
     def __enter__(self, *args): return self
     def __exit__(self, *args): self.remove()
 
+
+# %% ../nbs/00_hooks.ipynb #38321862
+class OutputsHook:
+    """Context manager that keeps, in the graph, the forward output of each module of `ms` every time it runs (`stored`, in the order they ran, and `modules`, which module gave each),
+    handing the rest of the model a copy; `gradients` differentiates a score with respect to the input and all of them in one backward pass. The forward pass must record (run it on an input that requires grad)."""
+    def __init__(self,
+        ms:list, # The modules whose outputs are kept
+    ):
+        self.stored, self.modules, self.removed = [], [], False
+        self.handles = [m.register_forward_hook(self.hook_fn, prepend=True) for m in ms]
+
+    def hook_fn(self, m, i, o):
+        "Keep the output; hand on a copy, so that later in-place ops change the copy"
+        if not isinstance(o, Tensor): return None
+        self.stored.append(o)
+        self.modules.append(m)
+        return o.clone()
+
+    def gradients(self,
+        scores:Tensor, # Scores computed from the model's output in the forward pass that ran through the hooks
+        inputs:tuple=(), # Other tensors of the graph to differentiate with respect to first (such as the input)
+        retain_graph:bool=False, # Keep the graph, to ask for the gradients of other scores of the same forward pass
+    )->list:
+        "Gradients of `scores.sum()` with respect to `inputs` and then each stored output (zeros where the scores do not depend on it)"
+        ts = [*inputs, *self.stored]
+        if not scores.requires_grad: raise RuntimeError("The scores do not depend on the hooked outputs: run the model forward, recording (on an input that requires grad), while the hooks are active.")
+        if any(not t.requires_grad for t in ts): raise RuntimeError("An output was kept without its graph: run the model forward on an input that requires grad, with recording on.")
+        gs = torch.autograd.grad(scores.sum(), ts, retain_graph=retain_graph, allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g for t, g in zip(ts, gs)]
+
+    def remove(self):
+        "Remove the hooks from the modules (safe to call twice)"
+        if self.removed: return
+        for h in self.handles: h.remove()
+        self.removed = True
+
+    def __enter__(self, *args): return self
+    def __exit__(self, *args): self.remove()

@@ -47,7 +47,8 @@ def fast_options(name):
     # feature_ablation: the default 8×8 grid makes 2×2-pixel patches of a 16-pixel image, whose removal moves a random model's
     # probabilities by ~1e-4, at float32 rounding's level (channels_last would then differ): 4×4 patches.
     return dict(integrated_gradients=dict(steps=8), occlusion=dict(window=8, stride=8), gradientshap=dict(samples=4),
-                lime=dict(samples=32), kernelshap=dict(samples=32), dff=dict(max_iter=30), feature_ablation=dict(grid=4)).get(name, {})
+                lime=dict(samples=32), kernelshap=dict(samples=32), dff=dict(max_iter=30), feature_ablation=dict(grid=4),
+                sscam=dict(num_samples=2), iscam=dict(num_samples=2)).get(name, {})
 
 
 @pytest.fixture(scope='session')

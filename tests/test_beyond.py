@@ -12,7 +12,7 @@ from conftest import model_state, assert_same_state
 
 timm = pytest.importorskip('timm')
 warnings.filterwarnings('ignore', category=UserWarning)
-LAYER_METHODS = method_names('cam') + ['guided_gradcam']
+LAYER_METHODS = method_names(uses_layer=True)
 
 
 def _timm(name, seed=0):

@@ -63,7 +63,9 @@ def make_site(tmp_path):
              code('#| include: false\nhidden_cell()', stream('hidden\n')),
              code('#| echo: false\nno_code_shown()', display(**{'image/png': _png(), 'text/plain': '<Figure size 150x100 with 0 Axes>'})),
              md('::: {.callout-note}\nA note.\n:::\n\n## A section'),
-             code('#| code-fold: show\ndef folded(): pass')]
+             code('#| code-fold: show\ndef folded(): pass'),
+             code('#| echo: false\nfor f in (Thing.draw,): display(show_doc(f))', # displayed in a loop, without `output: asis`
+                  display(**{'text/markdown': SHOW_DOC.replace('Thing.plot', 'Thing.draw').replace('def plot(', 'def draw('), 'text/plain': 'def draw('}))]
     nb = dict(cells=cells, metadata={}, nbformat=4, nbformat_minor=5)
     (nbs/'00_thing.ipynb').write_text(json.dumps(nb)); (proc/'00_thing.ipynb').write_text(json.dumps(nb))
     other = dict(cells=[dict(cell_type='raw', metadata={}, source='---\ntitle: Other\noutput-file: other.html\n---\n'),
@@ -93,6 +95,9 @@ def test_page(page):
     assert '| `nrows` | `int | None` | `None` |  |' in text and '| `ncols` | `int | None` | `None` | Grid shape |' in text
     assert '| `**kwargs` |  |  | passed on |' in text and '| **Returns** | `Figure` |' in text   # fastcore's kwargs quirk
     assert '<div class="doc-source"><a href="https://github.com/o/r/blob/main/pkg/m.py#L1"' in text
+    # a show_doc displayed in a loop (no `output: asis`) is an API entry too, not its signature as code
+    assert '### Thing.draw { #thing.draw .doc-heading' in text and 'draw(k, nrows=None, ncols=None, *, bs=64, **kwargs)' in text
+    assert 'def draw(' not in text
     # outputs: pandas kept, progress bars and stderr dropped, other text kept, options honoured
     assert '<table border="1" class="dataframe">' in text and 'cell-output-html' in text
     assert '%' not in text.split('learn.fit(1)')[1].split('```python')[0] and '<progress' not in text

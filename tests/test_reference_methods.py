@@ -255,3 +255,79 @@ def test_finercam_matches_pytorch_grad_cam(setup):
         _same_as_pgc(m, x, tg, 'finercam', torch.cat(full), torch.from_numpy(np.concatenate(raw)), LAYERS[arch], rtol=1e-4, alpha=alpha)
     g = heatmap(m, x, targets=tg, method='gradcam', layer=LAYERS[arch], upsample=False, norm=None)
     assert (heatmap(m, x, targets=tg, method='finercam', layer=LAYERS[arch], upsample=False, norm=None) - g).abs().max() > 1e-2 * g.abs().max()  # not Grad-CAM
+
+
+# ---------------------------------------------------------------------------------------------- torchcam's Score-CAM family, Smooth Grad-CAM++; FullGrad
+def _torchcam(cls, m, x, tg, layer=None, **init):
+    "torchcam's raw maps (after its ReLU, before its normalization) for classes `tg`, its noise drawn from the global seed the engine's generator starts from (0)"
+    methods = pytest.importorskip('torchcam.methods')
+    layer = layer or LAYERS['resnet18' if hasattr(m, 'layer4') else 'vgg11']
+    with getattr(methods, cls)(m, layer, input_shape=tuple(x.shape[1:]), **init) as ex:
+        with torch.no_grad(): out = m(x)
+        torch.manual_seed(0)
+        return ex(tg, out, normalized=False)[0]
+
+
+def _small(seed=0):
+    "A small CNN (32 channels at the layer '7', 8×8 for a 32-pixel image; batch norms with running statistics): torch-cam's defaults (35 noisy copies, 10 steps) at a forward pass per channel and copy stay quick"
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                      nn.Conv2d(32, 32, 3, padding=1, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    with torch.no_grad():
+        for b in (m[1], m[5]): b.running_mean.normal_(0, .1); b.running_var.uniform_(.5, 2)
+        m[-1].weight.mul_(30)  # logit changes of a few units: torch-cam's channel softmax far from uniform
+    return m.eval()
+
+
+@pytest.mark.parametrize('name,cls,init', [('sscam', 'SSCAM', {}), ('sscam', 'SSCAM', dict(num_samples=3, std=.5)), ('iscam', 'ISCAM', {}), ('iscam', 'ISCAM', dict(num_samples=3))])
+def test_torchcam_score_family_matches_torchcam(name, cls, init):
+    "SS-CAM and IS-CAM: torch-cam's numbers with the same noise (one image, torch-cam's defaults and others), raw and after the ReLU; not Score-CAM's (a softmax across classes)"
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for tg in ([3], [7]):
+        raw = _torchcam(cls, _small(), x, tg, layer='7', **init)
+        ours = heatmap(_small(), x, targets=tg, method=name, layer='7', upsample=False, norm=None, **init)
+        _close(ours, raw, rtol=1e-4)
+        assert (normalize_maps(ours) - normalize_maps(heatmap(_small(), x, targets=tg, method='scorecam', layer='7', upsample=False, norm=None))).abs().max() > 1e-2
+
+
+def test_smoothgradcampp_matches_torchcam(setup):
+    "Smooth Grad-CAM++: torch-cam's numbers with the same noise (one image), and not Grad-CAM++'s"
+    arch, m, x, tg = setup
+    x, tg = x[:1], tg[:1]
+    mm = _model(arch, scale=1e3)  # scores large enough that torch-cam's eps = 1e-8 in α's denominator does not matter
+    raw = _torchcam('SmoothGradCAMpp', mm, x, tg)
+    ours = heatmap(_model(arch, scale=1e3), x, targets=tg, method='smoothgradcam++', layer=LAYERS[arch], upsample=False, norm=None)
+    _close(ours, raw, rtol=1e-4)
+    pp = heatmap(_model(arch, scale=1e3), x, targets=tg, method='gradcam++', layer=LAYERS[arch], upsample=False, norm=None)
+    assert (normalize_maps(ours) - normalize_maps(pp)).abs().max() > 1e-2
+
+
+def _biased(arch):
+    "The model with nonzero biases: torchvision starts convolution biases at 0 and batch norms at the identity, where FullGrad's bias terms vanish"
+    m, g = _model(arch), torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.copy_(.1 * torch.randn(mod.num_features, generator=g)); mod.running_var.uniform_(.5, 2., generator=g)
+                mod.bias.copy_(.1 * torch.randn(mod.num_features, generator=g))
+            elif isinstance(mod, nn.Conv2d) and mod.bias is not None: mod.bias.copy_(.1 * torch.randn(mod.out_channels, generator=g))
+    return m
+
+
+def test_fullgrad_matches_pytorch_grad_cam(setup):
+    "FullGrad over every Conv2d and BatchNorm2d bias (resnet18: batch norms; vgg11: convolutions followed by in-place ReLUs): pytorch-grad-cam's sum before its last scaling, and its output"
+    pgc = pytest.importorskip('pytorch_grad_cam')
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    arch, _, x, tg = setup
+    theirs, m = _biased(arch), _biased(arch)
+    with pgc.FullGrad(model=theirs, target_layers=[]) as cam:
+        raw, agg = [], cam.aggregate_multi_layers
+        cam.aggregate_multi_layers = lambda c: raw.append(c.sum(1)) or agg(c)
+        full = torch.from_numpy(cam(input_tensor=x, targets=[ClassifierOutputTarget(c) for c in tg]))
+    _close(heatmap(m, x, targets=tg, method='fullgrad', norm=None), torch.from_numpy(raw[0]), rtol=1e-4)
+    assert (heatmap(m, x, targets=tg, method='fullgrad') - full).abs().max() < 1e-3
+    xg = x.clone().requires_grad_()  # not vacuous: the bias terms move the map away from the input's term alone
+    gx = torch.autograd.grad(m(xg)[range(len(x)), tg].sum(), xg)[0]
+    v = (gx * x).abs().flatten(2)
+    v = ((v - v.amin(2, keepdim=True)) / (v.amax(2, keepdim=True) - v.amin(2, keepdim=True))).sum(1).view(full.shape)
+    assert (normalize_maps(v) - full).abs().max() > 1e-2
