@@ -1,4 +1,4 @@
-"""`learn.show_filters()`, `learn.show_feature_maps(item)`, `learn.max_activation(target)`, `show_conv(img, 'top')` and `learn.show_methods(item)`: looking inside a CNN, beside its heatmaps
+"""`learn.show_filters()`, `learn.show_feature_maps(item)`, `learn.max_activation(target)`, `learn.show_channel(items, layer, channel)`, `show_conv(img, 'top')` and `learn.show_methods(item)`: looking inside a CNN, beside its heatmaps
 
 Docs: https://fastai-heatmap.github.io/fastai_heatmap/inside.html.md"""
 
