@@ -162,7 +162,7 @@ class FinerCAM(LayerMethod):
         compare:int=3, # How many of the classes nearest to the target's score it is compared with
     ):
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool): raise TypeError(f"`alpha` should be a number; got {alpha!r}.")
-        if not isinstance(compare, int) or isinstance(compare, bool) or compare < 1: raise ValueError(f"`compare` should be an int ≥ 1; got {compare!r}.")
+        check_count(compare, "`compare`")
         self.alpha, self.compare = alpha, compare
     def score(self, ctx):
         if ctx.scores is not None: raise ValueError("method='finercam' compares the target class with the classes whose logits are closest to it, so it explains class targets of a classifier: pass `targets=`, not `score=` (nor a segmentation model).")
@@ -184,7 +184,7 @@ class SmoothGradCAMpp(LayerMethod):
         num_samples:int=4, # Noisy copies of the input (torch-cam's default)
         std:float=.3, # The noise's standard deviation, in the input's units (torch-cam's default)
     ):
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1: raise ValueError(f"`num_samples` should be an int ≥ 1; got {num_samples!r}.")
+        check_count(num_samples, "`num_samples`")
         if not isinstance(std, (int, float)) or isinstance(std, bool) or not std > 0: raise ValueError(f"`std` should be a number > 0; got {std!r}.")
         self.num_samples, self.std = num_samples, std
     def map(self, ctx):
@@ -309,7 +309,7 @@ class SSCAM(_TorchcamScore):
         num_samples:int=35, # Noisy copies of each mask (torch-cam's default)
         std:float=2., # The noise's standard deviation, the masks being in [0, 1] (torch-cam's default)
     ):
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1: raise ValueError(f"`num_samples` should be an int ≥ 1; got {num_samples!r}.")
+        check_count(num_samples, "`num_samples`")
         if not isinstance(std, (int, float)) or isinstance(std, bool) or not std > 0: raise ValueError(f"`std` should be a number > 0; got {std!r}.")
         self.num_samples, self.std = num_samples, std
     def masks(self, ctx, i, h, k):
@@ -327,7 +327,7 @@ class ISCAM(_TorchcamScore):
     def __init__(self,
         num_samples:int=10, # Steps N (torch-cam's default)
     ):
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1: raise ValueError(f"`num_samples` should be an int ≥ 1; got {num_samples!r}.")
+        check_count(num_samples, "`num_samples`")
         self.num_samples = num_samples
     def masks(self, ctx, i, h, k): return h * (sum(range(1, i + 2)) / self.num_samples)
 

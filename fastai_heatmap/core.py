@@ -24,8 +24,8 @@ __all__ = ['smooth_types', 'interpolations', 'delegates_kept', 'eval_mode', 'unw
            'default_layer', 'resolve_layer', 'resolve_targets', 'resolve_regions', 'score_of', 'region_scores',
            'normalize_maps', 'Method', 'Context', 'ReplaceOutput', 'first_component', 'MapLayout', 'map_layout',
            'LayerMethod', 'reduce_channels', 'InputGradientMethod', 'PerturbationMethod', 'register_method',
-           'method_names', 'get_method', 'list_methods', 'brief', 'data_repr', 'Explanation', 'smoothed_name',
-           'upsample_maps', 'explain', 'heatmap']
+           'method_names', 'get_method', 'list_methods', 'brief', 'data_repr', 'Explanation', 'check_count',
+           'smoothed_name', 'upsample_maps', 'explain', 'heatmap']
 
 # %% ../nbs/02_core.ipynb #5b6c7d8e
 def delegates_kept(
@@ -721,6 +721,13 @@ def _check_channels(model, x, e:RuntimeError):
 smooth_types = ('smoothgrad', 'smoothgrad_sq', 'vargrad') # captum's `NoiseTunnel(nt_type=...)`
 
 def _is_count(n): return isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_)) and n >= 1
+
+def check_count(
+    v, # The value given
+    what:str, # How the message names it, such as "`num_samples`"
+):
+    "Raise a clear error unless `v` is an int ≥ 1 (a count: samples, steps, classes to compare); the engine's one such check, for methods' options"
+    if not _is_count(v): raise ValueError(f"{what} should be an int ≥ 1; got {v!r}.")
 
 def _check_smooth(meth, smooth, noise, n_samples=None)->tuple:
     "(how, number of noisy samples) for `smooth=`: how is one of `smooth_types` (over noisy inputs), 'mask' (the method's own, SS-CAM) or None"
