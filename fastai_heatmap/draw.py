@@ -181,6 +181,13 @@ def _pixels(img):
     if img.ndim == 3 and img.shape[-1] == 1: img = img[..., 0]
     return img, ({'cmap': 'gray'} if img.ndim == 2 else {})
 
+def _widen_for_title(ax, max_width:float=8.):
+    "Enlarge `ax`'s own figure (both sides alike, the picture with it) until the title's widest line fits the picture's width at its font size, up to `max_width` inches wide"
+    fig = ax.figure
+    r = fig.canvas.get_renderer()
+    need, have = ax.title.get_window_extent(r).width, ax.get_window_extent(r).width
+    if need > have: fig.set_size_inches(*(fig.get_size_inches() * min(need / have * 1.05, max_width / fig.get_figwidth())))
+
 def show_heatmap(
     img, # The image: a decoded `TensorImage` (C, H, W), a PIL image or an array
     hm:Tensor, # Its heatmap (h, w); drawn stretched over the whole image
@@ -212,6 +219,7 @@ def show_heatmap(
         ax.contour(l + (np.arange(w) + .5) * (r - l) / w, t + (np.arange(h) + .5) * (b - t) / h, o.astype(np.float32), levels=[.5], colors='cyan', linewidths=1)
     ax.set_xlim(full[:2]); ax.set_ylim(full[2:]) # the part of the map outside the image (padding) is not drawn
     if colorbar: ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if new and figsize is None and title: _widen_for_title(ax) # fastai's default size is for the image (2 inches for 64 pixels), not its title
     if new: fit_text(ax.figure) # its own figure: the title fitted, laid out tight
     return show_once(ax)
 

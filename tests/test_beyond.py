@@ -8,7 +8,7 @@ from torch import nn
 from fastai.vision.all import (vision_learner, resnet18, ImageDataLoaders, Normalize, imagenet_stats, Resize, DataBlock, ImageBlock,
                                CategoryBlock, GrandparentSplitter, parent_label, get_image_files, aug_transforms, Learner, set_seed)
 from fastai_heatmap.all import *
-from conftest import model_state, assert_same_state
+from conftest import model_state, assert_same_state, fast_options
 
 timm = pytest.importorskip('timm')
 warnings.filterwarnings('ignore', category=UserWarning)
@@ -28,7 +28,7 @@ def x224(): return torch.randn(1, 3, 224, 224, generator=torch.Generator().manua
 def test_every_layer_method_on_a_vit(x224, name):
     vit = _timm('vit_tiny_patch16_224')
     before = model_state(vit)
-    try: e = explain(vit, x224, method=name, norm=None)
+    try: e = explain(vit, x224, method=name, norm=None, **fast_options(name))
     except ValueError as err:  # CAM needs a pooling → Linear head after the layer: a ViT's is a norm and the class token
         assert name == 'cam' and "Use method='gradcam'" in str(err); return
     assert e.layer == 'blocks.11.norm1' and e.layer_size == ((224, 224) if name == 'guided_gradcam' else (14, 14))  # guided Grad-CAM's map is the input's
